@@ -1,0 +1,168 @@
+"""`realm <verb>`: thin entry points that resolve a config and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from realm_lm.config import ConfigError, RunConfig, load_config
+from realm_lm.report import markdown_table
+
+DEFAULT_CONFIG = "configs/open_squad.toml"
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    cfg = load_config(path, args.set or ())
+    from realm_lm.runtime import setup_runtime
+    setup_runtime(cfg)
+    return cfg
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from realm_lm.corpus.fetch import fetch_data
+    cfg = _config(args)
+    for path in fetch_data(args.dest or cfg.data.dir):
+        print(f"ok  {path}")
+
+
+def cmd_corpus_build(args: argparse.Namespace) -> None:
+    from realm_lm.corpus.store import CorpusStore, build_corpus
+    cfg = _config(args)
+    out = build_corpus(cfg)
+    store = CorpusStore(out)
+    m = store.manifest
+    print(f"corpus store {out}: {m['n_blocks']} blocks from {m['n_documents']} documents "
+          f"(block_len {m['block_len']}, {m['duplicate_blocks_dropped']} duplicate blocks dropped, "
+          f"{len(m['skipped_input_problems'])} malformed records skipped), corpus hash {m['corpus_hash'][:12]}")
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from realm_lm.index.build import build_index
+    from realm_lm.index.versioned import read_manifest
+    from realm_lm.retrieval import minilm_mean_config
+    cfg = _config(args)
+    if args.retriever == "minilm-mean":
+        cfg = minilm_mean_config(cfg)
+    version = build_index(cfg)
+    m = read_manifest(cfg.index.dir, version)
+    print(f"index {cfg.index.dir} version {version}: {m['n_rows']} x {m['dim']} ({m['backend']}), "
+          f"embedded in {m['embed_seconds']:.1f}s{' (embeddings reused: same corpus and weights)' if m['embeddings_reused'] else ''}, "
+          f"built in {m['index_build_seconds']:.1f}s")
+
+
+def print_hits(question: str, hits: list, width: int = 100) -> None:
+    print(f"\nQ: {question}")
+    for h in hits:
+        snippet = textwrap.shorten(h.text, width=240, placeholder=" ...")
+        print(f"  {h.rank:>2}. {h.score:8.3f}  {h.block_id}  [{h.title}]")
+        print(textwrap.indent(textwrap.fill(snippet, width=width), " " * 8))
+
+
+def cmd_retrieve(args: argparse.Namespace) -> None:
+    from realm_lm.retrieval import hits_of, make_searcher
+    cfg = _config(args)
+    searcher = make_searcher(cfg, args.retriever)
+    scores, rows = searcher.search([args.question], args.k)
+    print_hits(args.question, hits_of(searcher.store, scores[0], rows[0]))
+
+
+def cmd_eval_retrieval(args: argparse.Namespace) -> None:
+    from realm_lm.eval.retrieval import evaluate_retrieval
+    from realm_lm.retrieval import make_searcher
+    cfg = _config(args)
+    searcher = make_searcher(cfg, args.retriever)
+    result = evaluate_retrieval(cfg, searcher, args.split)
+    keys = [f"recall@{k}" for k in cfg.eval.ks]
+    print(markdown_table(["split", "retriever", *keys, "questions"],
+                         [[args.split, args.retriever, *[f"{result[k]:.3f}" for k in keys], result["n_questions"]]]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{args.split}.{args.retriever}.{k}": v for k, v in result.items()}, indent=2))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from realm_lm.demo import run_demo
+    run_demo(_config(args))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=f"TOML preset (default {DEFAULT_CONFIG} when it exists)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set index.backend=faiss-hnsw (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realm", description="REALM: retrieval-augmented language model pre-training")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="obtain the default data").add_subparsers(dest="action", required=True)
+    p = data.add_parser("fetch", help="place SQuAD v1.1 dev and the vital-article extracts in the data folder (sha256 checked)")
+    _common(p)
+    p.add_argument("--dest", help="target folder (default: data.dir of the config)")
+    p.set_defaults(func=cmd_data_fetch)
+
+    corpus = verbs.add_parser("corpus", help="corpus store").add_subparsers(dest="action", required=True)
+    p = corpus.add_parser("build", help="cut the input documents into blocks and write the corpus store")
+    _common(p)
+    p.set_defaults(func=cmd_corpus_build)
+
+    index = verbs.add_parser("index", help="MIPS index").add_subparsers(dest="action", required=True)
+    p = index.add_parser("build", help="embed every block and publish a new index version")
+    _common(p)
+    p.add_argument("--retriever", choices=["realm", "minilm-mean"], default="realm")
+    p.set_defaults(func=cmd_index_build)
+
+    p = verbs.add_parser("retrieve", help="print the top-k blocks for a question")
+    _common(p)
+    p.add_argument("question")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
+    p.set_defaults(func=cmd_retrieve)
+
+    ev = verbs.add_parser("eval", help="evaluation").add_subparsers(dest="action", required=True)
+    p = ev.add_parser("retrieval", help="recall@k on the Open-SQuAD questions of a split")
+    _common(p)
+    p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
+    p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
+    p.add_argument("--json", help="also write the figures as flat JSON to this file")
+    p.set_defaults(func=cmd_eval_retrieval)
+
+    p = verbs.add_parser("demo", help="the main job on the default data: fetch, corpus, index, evaluation, examples")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from realm_lm.corpus.fetch import FetchError
+    from realm_lm.corpus.readers import CorpusInputError
+    from realm_lm.corpus.store import CorpusStoreError
+    from realm_lm.index.versioned import IndexMismatchError, IndexNotFoundError
+    from realm_lm.models.pretrained import ModelNotFoundError
+    from realm_lm.retrieval import BadQuestionError
+
+    args = build_parser().parse_args(argv)
+    expected = (ConfigError, FetchError, CorpusInputError, CorpusStoreError, IndexNotFoundError, IndexMismatchError,
+                ModelNotFoundError, BadQuestionError, FileNotFoundError)
+    t0 = time.perf_counter()
+    try:
+        args.func(args)
+    except expected as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.verb == "demo":
+        print(f"\n(done in {time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Typed run configuration: one frozen dataclass per component, TOML presets, dotted overrides.
+
+A preset (``configs/*.toml``) and ``--set section.key=value`` overrides are the only two ways a
+run is configured; both go through :func:`load_config`, which rejects unknown keys and values of
+the wrong type. Every artifact stores the resolved config (:func:`config_to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A preset or an override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data"  # where `realm data fetch` puts SQuAD dev and the vital-article extracts
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    inputs: tuple[str, ...] = ("data/squad_v1.1_dev.json", "data/wiki_vital_extracts_en.json")
+    store: str = "artifacts/open_squad/corpus"
+    block_len: int = 288  # wordpieces per block, [CLS] title [SEP] body [SEP] included (paper: 288)
+    max_title_len: int = 32  # longer titles are cut so the body keeps most of the block
+    skip_malformed: bool = False  # False: any malformed input line stops the build before anything is written
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    model: str = "minilm"  # "minilm" (the packaged all-MiniLM-L6-v2) or a local Hugging Face BERT folder
+    pooling: str = "cls-proj"  # "cls-proj" (REALM: [CLS] -> Linear -> LayerNorm) or "mean" (MiniLM baseline)
+    proj_dim: int = 128
+    share_towers: bool = True  # query and document embedders share weights (REALM default)
+    max_query_len: int = 64
+    seed: int = 0  # initialisation of the projection
+    checkpoint: str = ""  # safetensors file with trained embedder weights; empty = as initialised
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    dir: str = "artifacts/open_squad/index"
+    backend: str = "exact"  # exact | faiss-flat | faiss-hnsw | faiss-ivf-pq
+    dtype: str = "float32"  # storage of the exact backend: float32 | float16
+    chunk_rows: int = 262_144  # rows scored per matmul by the exact backend (bounds memory)
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 80
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 4096
+    ivf_pq_m: int = 32  # sub-quantisers; 128-d / 32 = 4 dims each
+    ivf_nprobe: int = 64
+    ivf_refine: int = 4  # re-rank k * ivf_refine PQ candidates with exact scores (0: off)
+    embed_batch_tokens: int = 4096  # padded tokens per embedding batch (blocks are sorted by length)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 5, 20)
+    squad: str = "data/squad_v1.1_dev.json"  # questions of the Open-SQuAD splits come from here
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check ``value`` against the annotated type, converting only where it is lossless."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a table, got {value!r}")
+            kwargs[name] = _build(typ, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, where + name)
+    return cls(**kwargs)
+
+
+def _parse_override_value(text: str) -> Any:
+    """``--set a.b=3`` / ``=true`` / ``=[1,5]`` / ``="x"`` parse as TOML; anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the TOML preset at ``path``, then ``section.key=value`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from err
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        nested: dict[str, Any] = {}
+        cursor = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            cursor = cursor.setdefault(part, {})
+        cursor[leaf] = _parse_override_value(raw.strip())
+        values = _merge(values, nested)
+    return _build(RunConfig, values, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict (tuples become lists) of a config dataclass."""
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+    return convert(dataclasses.asdict(cfg))

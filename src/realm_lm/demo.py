@@ -1,0 +1,70 @@
+"""The main job behind `make demo`: data, corpus store, index, retrieval evaluation, example questions."""
+
+from __future__ import annotations
+
+import time
+
+from realm_lm.config import RunConfig
+from realm_lm.corpus.fetch import fetch_data
+from realm_lm.corpus.open_squad import load_questions
+from realm_lm.corpus.store import CorpusStore, build_corpus
+from realm_lm.eval.retrieval import evaluate_retrieval
+from realm_lm.index.build import build_index
+from realm_lm.report import markdown_table
+from realm_lm.retrieval import hits_of, make_searcher, minilm_mean_config
+
+EXAMPLE_QUESTIONS = 3
+
+
+def stage(title: str) -> None:
+    print(f"\n=== {title} ===", flush=True)
+
+
+def run_demo(cfg: RunConfig) -> dict[str, float]:
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = time.perf_counter() - t0
+        return out
+
+    stage("1. data")
+    for path in timed("data", fetch_data, cfg.data.dir):
+        print(f"ok  {path}")
+
+    stage("2. corpus store")
+    timed("corpus", build_corpus, cfg)
+    store = CorpusStore(cfg.corpus.store)
+    print(f"{len(store)} blocks of <= {store.block_len} wordpieces from {store.manifest['n_documents']} documents")
+
+    stage("3. indexes (REALM [CLS]+projection as initialised; MiniLM mean pooling baseline)")
+    for name, run_cfg in (("realm", cfg), ("minilm-mean", minilm_mean_config(cfg))):
+        version = timed(f"index.{name}", build_index, run_cfg)
+        print(f"{name}: {run_cfg.index.dir} {version}")
+
+    stage("4. retrieval on the Open-SQuAD questions (answer string in a top-k block)")
+    searchers = {kind: make_searcher(cfg, kind, store) for kind in ("bm25", "minilm-mean", "realm")}
+    keys = [f"recall@{k}" for k in cfg.eval.ks]
+    rows = []
+    results: dict[str, float] = {}
+    for split in ("dev", "test"):
+        for kind, searcher in searchers.items():
+            r = timed(f"eval.{split}.{kind}", evaluate_retrieval, cfg, searcher, split, False)
+            rows.append([split, kind, *[f"{r[k]:.3f}" for k in keys], r["n_questions"]])
+            results.update({f"{split}.{kind}.{k}": r[k] for k in keys})
+    print(markdown_table(["split", "retriever", *keys, "questions"], rows))
+    print("REALM's retriever is untrained here ([CLS] + a random projection): pre-training is what makes it useful.")
+
+    stage("5. example questions (test split), top 3 blocks from each retriever")
+    from realm_lm.cli import print_hits
+    for q in load_questions(cfg.eval.squad, "test")[:: 997][:EXAMPLE_QUESTIONS]:
+        print(f"\n--- gold answers: {' | '.join(q.answers)}")
+        for kind in ("bm25", "realm"):
+            scores, found = searchers[kind].search([q.question], 3)
+            print(f"[{kind}]", end="")
+            print_hits(q.question, hits_of(store, scores[0], found[0]))
+
+    stage("timings (s)")
+    print(markdown_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]))
+    return results

@@ -1,0 +1,37 @@
+"""SQuAD answer normalisation and retrieval recall@k."""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from typing import Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower-case, drop punctuation and articles, collapse whitespace (after NFKC)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT and not unicodedata.category(ch).startswith("P"))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def has_answer(block_text: str, answers: Sequence[str]) -> bool:
+    """Some gold answer occurs in the block as a whole-token sequence after normalisation."""
+    haystack = f" {normalize_answer(block_text)} "
+    return any(norm and f" {norm} " in haystack for norm in map(normalize_answer, answers))
+
+
+def recall_at_k(hit_rows: Sequence[Sequence[int]], answers: Sequence[Sequence[str]], texts: Sequence[str],
+                ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of questions for which a block among the first k retrieved contains a gold answer."""
+    if not hit_rows:
+        return {k: 0.0 for k in ks}
+    first_hit = []  # rank (0-based) of the first block with an answer, or inf
+    for rows, golds in zip(hit_rows, answers):
+        rank = next((r for r, row in enumerate(rows) if row >= 0 and has_answer(texts[row], golds)), float("inf"))
+        first_hit.append(rank)
+    return {k: sum(r < k for r in first_hit) / len(first_hit) for k in ks}

@@ -1,0 +1,22 @@
+"""`realm eval retrieval`: recall@k of a retriever on the Open-SQuAD questions of one split."""
+
+from __future__ import annotations
+
+import time
+
+from realm_lm.config import RunConfig
+from realm_lm.corpus.open_squad import load_questions
+from realm_lm.eval.metrics import recall_at_k
+from realm_lm.retrieval import Searcher
+
+
+def evaluate_retrieval(cfg: RunConfig, searcher: Searcher, split: str, progress: bool = True) -> dict[str, float]:
+    """``{"recall@1": ..., "recall@5": ..., "n_questions": ..., "seconds": ...}`` for ``split``."""
+    questions = load_questions(cfg.eval.squad, split)
+    t0 = time.perf_counter()
+    _scores, rows = searcher.search([q.question for q in questions], max(cfg.eval.ks), progress=progress)
+    recalls = recall_at_k(rows.tolist(), [q.answers for q in questions], searcher.store.texts, cfg.eval.ks)
+    out: dict[str, float] = {f"recall@{k}": round(v, 4) for k, v in recalls.items()}
+    out["n_questions"] = len(questions)
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out

@@ -1,0 +1,117 @@
+"""An index folder holds numbered versions, each published atomically, and a LATEST pointer.
+
+::
+
+    index_dir/LATEST               "v000003" (replaced atomically after the version folder is in place)
+    index_dir/versions/v000003/    embeddings.npy [N, D], faiss.index (faiss backends), manifest.json
+
+A manifest records the corpus hash and a hash of the block-id map, the hash of the embedder weights that
+made the embeddings (and the training step they came from), the resolved config and the creation time.
+Loading checks the id map against the corpus store the caller will resolve ids with.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from realm_lm.artifacts import staged_dir
+from realm_lm.config import IndexConfig
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.index.backends import Index, make_index
+
+
+class IndexNotFoundError(FileNotFoundError):
+    pass
+
+
+class IndexMismatchError(RuntimeError):
+    pass
+
+
+def block_ids_hash(block_ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(block_ids).encode()).hexdigest()
+
+
+def _versions(index_dir: Path) -> list[str]:
+    folder = index_dir / "versions"
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("v")) if folder.is_dir() else []
+
+
+def latest_version(index_dir: str | Path) -> str | None:
+    pointer = Path(index_dir) / "LATEST"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifest: dict[str, Any],
+            keep: int = 3) -> str:
+    """Write a new version (staging folder, then rename), then point LATEST at it. Returns its name."""
+    index_dir = Path(index_dir)
+    existing = _versions(index_dir)
+    name = f"v{int(existing[-1][1:]) + 1 if existing else 1:06d}"
+    final = index_dir / "versions" / name
+    with staged_dir(final) as staging:
+        np.save(staging / "embeddings.npy", embeddings)
+        index.save(staging)
+        manifest = {**manifest, "version": name,
+                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp = index_dir / f".LATEST.tmp-{os.getpid()}"
+    tmp.write_text(name)
+    os.replace(tmp, index_dir / "LATEST")
+    for old in _versions(index_dir)[:-keep]:  # readers hold open files, so deleting an old folder is safe
+        shutil.rmtree(index_dir / "versions" / old, ignore_errors=True)
+    return name
+
+
+def read_manifest(index_dir: str | Path, version: str | None = None) -> dict[str, Any]:
+    index_dir = Path(index_dir)
+    version = version or latest_version(index_dir)
+    path = index_dir / "versions" / str(version) / "manifest.json"
+    if version is None or not path.is_file():
+        raise IndexNotFoundError(f"no index at {index_dir} (run `realm index build` first)")
+    return json.loads(path.read_text())
+
+
+def check_against(manifest: dict[str, Any], store: CorpusStore) -> None:
+    """The index's rows must be the store's rows, in the same order."""
+    if manifest["n_rows"] != len(store) or manifest["block_ids_sha256"] != block_ids_hash(store.block_ids):
+        raise IndexMismatchError(
+            f"index {manifest['version']} was built over a different corpus ({manifest['n_rows']} rows, "
+            f"corpus {manifest['corpus_hash'][:12]}) than the store at {store.folder} ({len(store)} rows, "
+            f"corpus {store.corpus_hash[:12]}); rebuild it with `realm index build`")
+
+
+def load_index(index_dir: str | Path, store: CorpusStore | None = None, version: str | None = None,
+               cfg: IndexConfig | None = None) -> tuple[Index, dict[str, Any]]:
+    """Load a version (default LATEST). Search-time settings (ef_search, nprobe, chunk_rows) come from ``cfg``."""
+    manifest = read_manifest(index_dir, version)
+    if store is not None:
+        check_against(manifest, store)
+    built = IndexConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["index"].items()})
+    search_cfg = replace(cfg, backend=built.backend, dtype=built.dtype) if cfg else built
+    index = make_index(search_cfg)
+    index.load(Path(index_dir) / "versions" / manifest["version"])
+    return index, manifest
+
+
+def find_embeddings(index_dir: str | Path, embedding_key: str) -> np.ndarray | None:
+    """Embeddings of any kept version made from the same corpus and weights (the cache is keyed by hashes)."""
+    index_dir = Path(index_dir)
+    for name in reversed(_versions(index_dir)):
+        path = index_dir / "versions" / name
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if manifest.get("embedding_key") == embedding_key:
+            return np.load(path / "embeddings.npy")
+    return None

@@ -1,0 +1,89 @@
+"""The retriever's towers: BERT -> [CLS] -> Linear(hidden -> 128) -> LayerNorm (REALM), or mean pooling (MiniLM)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel
+
+from realm_lm.config import EmbedderConfig
+from realm_lm.models.pretrained import resolve_model_dir
+
+
+def load_bert(model_dir: str | Path) -> BertModel:
+    """A local Hugging Face BERT checkpoint, without the pooler, with fused (SDPA) attention."""
+    return BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, attn_implementation="sdpa")
+
+
+class Embedder(nn.Module):
+    """One tower: token ids -> a d-dimensional vector scored by inner product."""
+
+    def __init__(self, bert: BertModel, pooling: str, proj_dim: int):
+        super().__init__()
+        if pooling not in ("cls-proj", "mean"):
+            raise ValueError(f"pooling must be 'cls-proj' or 'mean', not {pooling!r}")
+        self.bert = bert
+        self.pooling = pooling
+        hidden = bert.config.hidden_size
+        if pooling == "cls-proj":
+            self.proj = nn.Linear(hidden, proj_dim)
+            self.norm = nn.LayerNorm(proj_dim)
+        self.dim = proj_dim if pooling == "cls-proj" else hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask: [B, L]
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                      token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # [B, L, H]
+        if self.pooling == "cls-proj":
+            return self.norm(self.proj(h[:, 0]))  # [B, D]
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
+        mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
+        return nn.functional.normalize(mean, dim=-1)  # all-MiniLM-L6-v2 is trained on normalised means
+
+
+class Retriever(nn.Module):
+    """Query and document towers; with ``share_towers`` they are the same module (REALM's default)."""
+
+    def __init__(self, query: Embedder, doc: Embedder):
+        super().__init__()
+        self.query = query
+        self.doc = doc
+
+    @property
+    def shared(self) -> bool:
+        return self.query is self.doc
+
+
+def build_retriever(cfg: EmbedderConfig) -> Retriever:
+    """Pretrained BERT + freshly initialised projection (seeded), or the weights of ``cfg.checkpoint``."""
+    model_dir = resolve_model_dir(cfg.model)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)  # the projection's initialisation is part of the config, not of global state
+    query = Embedder(load_bert(model_dir), cfg.pooling, cfg.proj_dim)
+    doc = query if cfg.share_towers else Embedder(load_bert(model_dir), cfg.pooling, cfg.proj_dim)
+    if not cfg.share_towers and cfg.pooling == "cls-proj":
+        doc.load_state_dict(query.state_dict())  # two copies of one initialisation
+    torch.random.set_rng_state(generator_state)
+    retriever = Retriever(query, doc)
+    if cfg.checkpoint:
+        from safetensors.torch import load_file
+        retriever.load_state_dict(load_file(cfg.checkpoint))
+    return retriever.eval()
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over the module's tensors in name order: the identity of the weights that made an artifact."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tiny_bert_config(vocab_size: int) -> BertConfig:
+    """The tiny random BERT of the tests (hidden 32, 2 layers): shapes and plumbing in seconds."""
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)

@@ -1,0 +1,136 @@
+"""Question -> top-k blocks, for the three retrievers we compare: REALM's dense index, MiniLM mean pooling, BM25.
+
+Every retriever answers ``search(questions, k) -> (scores [Q, k], rows [Q, k])`` over the rows of one
+corpus store; :func:`make_retriever` builds any of them from a run config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from realm_lm.config import RunConfig
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.index.versioned import IndexNotFoundError, load_index
+from realm_lm.models.embedder import Embedder, build_retriever
+from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+
+RETRIEVERS = ("realm", "minilm-mean", "bm25")
+MAX_QUESTION_CHARS = 2000
+
+
+class BadQuestionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    row: int
+    block_id: str
+    title: str
+    text: str
+
+
+class Searcher(Protocol):
+    store: CorpusStore
+
+    def search(self, questions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def check_question(question: str) -> str:
+    question = question.strip()
+    if not question:
+        raise BadQuestionError("the question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise BadQuestionError(f"the question has {len(question)} characters; at most {MAX_QUESTION_CHARS} are accepted")
+    return question
+
+
+def encode_queries(questions: Sequence[str], model_dir: Path, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[CLS] question [SEP]`` ids and mask, [Q, L] with L = the longest (<= max_len)."""
+    tok = load_tokenizer(model_dir)
+    special = SpecialIds(tok)
+    encoded = [e.ids[:max_len - 2] for e in tok.encode_batch(list(questions), add_special_tokens=False)]
+    width = max(len(e) for e in encoded) + 2
+    ids = torch.full((len(encoded), width), special.pad, dtype=torch.long)  # [Q, L]
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)  # [Q, L]
+    for i, e in enumerate(encoded):
+        row = [special.cls, *e, special.sep]
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def embed_questions(embedder: Embedder, questions: Sequence[str], model_dir: Path, max_len: int,
+                    batch: int = 128, progress: bool = False) -> np.ndarray:
+    embedder.eval()
+    out = []
+    for start in tqdm(range(0, len(questions), batch), desc="embedding questions", disable=not progress):
+        ids, mask = encode_queries(questions[start:start + batch], model_dir, max_len)
+        out.append(embedder(ids, mask).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)  # [Q, D]
+
+
+class DenseSearcher:
+    """Query tower + a published index version over ``store``."""
+
+    def __init__(self, cfg: RunConfig, store: CorpusStore | None = None):
+        self.cfg = cfg
+        self.store = store or CorpusStore(cfg.corpus.store)
+        self.index, self.manifest = load_index(cfg.index.dir, self.store, cfg=cfg.index)
+        self.model_dir = resolve_model_dir(cfg.embedder.model)
+        self.embedder = build_retriever(cfg.embedder).query
+
+    def search(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        q = embed_questions(self.embedder, [check_question(x) for x in questions], self.model_dir,
+                            self.cfg.embedder.max_query_len, progress=progress)
+        return self.index.search(q, k)
+
+
+class Bm25Searcher:
+    """BM25 (bm25s, English stop words) over title + body of every block."""
+
+    def __init__(self, store: CorpusStore):
+        import bm25s
+
+        self.bm25s = bm25s
+        self.store = store
+        corpus = [f"{t}. {x}" for t, x in zip(store.titles, store.texts)]
+        self.model = bm25s.BM25()
+        self.model.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+
+    def search(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        tokens = self.bm25s.tokenize([check_question(x) for x in questions], stopwords="en", show_progress=False)
+        rows, scores = self.model.retrieve(tokens, k=min(k, len(self.store)), show_progress=progress, n_threads=1)
+        return scores.astype(np.float32), rows.astype(np.int64)
+
+
+def minilm_mean_config(cfg: RunConfig) -> RunConfig:
+    """The MiniLM baseline: mean pooling, no projection, its own index folder beside REALM's."""
+    return replace(cfg, embedder=replace(cfg.embedder, pooling="mean", checkpoint=""),
+                   index=replace(cfg.index, dir=str(Path(cfg.index.dir).with_name(Path(cfg.index.dir).name + "-minilm-mean"))))
+
+
+def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -> Searcher:
+    if kind == "realm":
+        return DenseSearcher(cfg, store)
+    if kind == "minilm-mean":
+        return DenseSearcher(minilm_mean_config(cfg), store)
+    if kind == "bm25":
+        return Bm25Searcher(store or CorpusStore(cfg.corpus.store))
+    raise ValueError(f"unknown retriever {kind!r}; choose one of {', '.join(RETRIEVERS)}")
+
+
+def hits_of(store: CorpusStore, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+    """One question's (scores [k], rows [k]) as Hits with the block's id, title and text."""
+    return [Hit(r + 1, float(s), int(row), store.block_ids[row], store.titles[row], store.texts[row].strip())
+            for r, (s, row) in enumerate(zip(scores, rows)) if row >= 0]
+
