@@ -57,9 +57,8 @@ class ExactIndex:
             top_s, top_i = scores.topk(min(k, chunk.shape[0]), dim=1)  # [Q, k']
             best_scores = torch.cat([best_scores, top_s], dim=1)
             best_ids = torch.cat([best_ids, top_i + start], dim=1)
-            if best_scores.shape[1] > k:
-                best_scores, pos = best_scores.topk(k, dim=1)
-                best_ids = best_ids.gather(1, pos)
+            best_scores, pos = best_scores.topk(min(k, best_scores.shape[1]), dim=1)  # keep a sorted top-k
+            best_ids = best_ids.gather(1, pos)
         return best_scores.numpy(), best_ids.numpy()
 
     def save(self, folder: Path) -> None:

@@ -1,0 +1,62 @@
+"""The `realm` command end to end on the tiny corpus, and bad input giving a clear error and exit code 2."""
+
+import json
+
+import pytest
+
+from realm_lm.cli import main
+
+from conftest import ROOT, tiny_overrides
+
+
+def realm(tmp_path, *argv, extra=()):
+    """`realm ARGV... --config tiny.toml --set ...` with the tiny corpus and index under tmp_path."""
+    sets = [x for o in tiny_overrides(tmp_path, *extra) for x in ("--set", o)]
+    return main([*argv, "--config", str(ROOT / "configs" / "tiny.toml"), *sets])
+
+
+def test_end_to_end(tmp_path, capsys):
+    assert realm(tmp_path, "corpus", "build") == 0
+    assert realm(tmp_path, "index", "build") == 0
+    assert realm(tmp_path, "index", "build", "--set", "index.backend=faiss-hnsw") == 0
+    out = capsys.readouterr().out
+    assert "v000001" in out and "v000002" in out and "embeddings reused" in out
+    assert realm(tmp_path, "retrieve", "who built the tower", "-k", "3") == 0
+    out = capsys.readouterr().out
+    assert out.count("  [") == 3 and "Q: who built the tower" in out
+    assert realm(tmp_path, "retrieve", "who built the tower", "-k", "2", "--retriever", "bm25") == 0
+    assert "Q: who built" in capsys.readouterr().out
+
+
+def test_help_on_every_verb(capsys):
+    for verb in (["data", "fetch"], ["corpus", "build"], ["index", "build"], ["retrieve"], ["eval", "retrieval"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*verb, "--help"])
+        assert exit_.value.code == 0
+    assert "--set" in capsys.readouterr().out
+
+
+def test_missing_index_gives_exit_2(tmp_path, capsys):
+    assert realm(tmp_path, "corpus", "build") == 0
+    assert realm(tmp_path, "retrieve", "anything") == 2
+    assert "no index at" in capsys.readouterr().err
+
+
+def test_empty_question_gives_exit_2(tmp_path, capsys):
+    assert realm(tmp_path, "corpus", "build") == 0
+    assert realm(tmp_path, "index", "build") == 0
+    assert realm(tmp_path, "retrieve", "   ") == 2
+    assert "question is empty" in capsys.readouterr().err
+
+
+def test_malformed_input_gives_exit_2_and_no_store(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "title": "T", "text": "ok"}) + "\n[1, 2]\n")
+    assert realm(tmp_path, "corpus", "build", extra=[f'corpus.inputs=["{bad}"]']) == 2
+    assert "bad.jsonl:2: expected a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "corpus").exists()
+
+
+def test_unknown_override_gives_exit_2(tmp_path, capsys):
+    assert realm(tmp_path, "corpus", "build", extra=["corpus.blok_len=3"]) == 2
+    assert "unknown key" in capsys.readouterr().err

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+
+from realm_lm.config import ConfigError, RunConfig, config_to_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_preset_loads(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, RunConfig)
+    assert config_to_dict(cfg)["corpus"]["block_len"] == cfg.corpus.block_len
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["index.backend=faiss-hnsw", "corpus.block_len=128", "embedder.share_towers=false",
+                             "eval.ks=[1, 10]", "index.dir=some/where"])
+    assert cfg.index.backend == "faiss-hnsw"
+    assert cfg.corpus.block_len == 128
+    assert cfg.embedder.share_towers is False
+    assert cfg.eval.ks == (1, 10)
+    assert cfg.index.dir == "some/where"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("index.bakend=exact", "unknown key"),
+    ("nosuchsection.x=1", "unknown key"),
+    ("corpus.block_len=big", "expected int"),
+    ("corpus.block_len=1.5", "expected int"),
+    ("embedder.share_towers=1", "expected bool"),
+    ("eval.ks=5", "expected a list"),
+    ("index", "must look like"),
+])
+def test_bad_overrides_are_rejected(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [bad])
+
+
+def test_bad_preset_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[corpus\nblock_len = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)

@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from realm_lm.config import IndexConfig, load_config
+from realm_lm.corpus.store import CorpusStore, build_corpus
+from realm_lm.index.backends import BACKENDS, make_index
+from realm_lm.index.build import build_index, length_batches
+from realm_lm.index.versioned import (IndexMismatchError, IndexNotFoundError, latest_version, load_index,
+                                      publish, read_manifest)
+
+from conftest import ROOT, tiny_overrides
+
+
+def brute_force(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.sort(q @ x.T, axis=1)[:, ::-1][:, :k]  # the true top-k scores [Q, k]
+
+
+def check_against_brute_force(x, q, scores, ids, k, atol):
+    """Scores equal the true top-k scores, and every returned id really has its returned score.
+    Ids are not compared directly: with ties, any of the tied rows is a correct answer."""
+    assert scores.shape == ids.shape == (q.shape[0], k)
+    np.testing.assert_allclose(scores, brute_force(x, q, k), atol=atol)
+    np.testing.assert_allclose(np.take_along_axis(q @ x.T, ids, axis=1), scores, atol=atol)
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def tied_data(n=500, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[100:140] = x[7]  # 41 identical rows: a tie at the top for queries near row 7
+    q = np.concatenate([x[7:8] + 0.01, rng.standard_normal((9, d)).astype(np.float32)])
+    return x, q
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_match_brute_force_with_ties(backend):
+    x, q = tied_data()
+    cfg = IndexConfig(backend=backend, chunk_rows=64, hnsw_ef_search=500, ivf_nprobe=10_000, ivf_refine=50)
+    index = make_index(cfg)
+    index.build(x)
+    assert len(index) == len(x)
+    scores, ids = index.search(q, 10)
+    # fp16 re-ranking in IVF-PQ rounds scores; everything else is exact up to float error
+    check_against_brute_force(x, q, scores, ids, 10, atol=0.05 if backend == "faiss-ivf-pq" else 1e-4)
+
+
+def test_exact_fp16_and_k_larger_than_index():
+    x, q = tied_data(n=30)
+    index = make_index(IndexConfig(dtype="float16", chunk_rows=7))
+    index.build(x)
+    scores, ids = index.search(q, 50)
+    assert scores.shape == (len(q), 30)
+    check_against_brute_force(x.astype(np.float16).astype(np.float32), q, scores, ids, 30, atol=1e-3)
+
+
+def test_length_batches_cover_every_row_once_within_budget():
+    lengths = np.random.default_rng(0).integers(3, 288, size=1000)
+    seen = []
+    for rows in length_batches(lengths, 4096):
+        assert len(rows) * lengths[rows].max() <= 4096
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(1000))
+
+
+@pytest.fixture
+def built(tiny_cfg):
+    build_corpus(tiny_cfg)
+    build_index(tiny_cfg, progress=False)
+    return tiny_cfg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_publish_and_load_round_trip(built, tmp_path, backend):
+    store = CorpusStore(built.corpus.store)
+    emb = np.random.default_rng(1).standard_normal((len(store), 16)).astype(np.float32)
+    cfg = IndexConfig(backend=backend, dir=str(tmp_path / "idx"))
+    index = make_index(cfg)
+    index.build(emb)
+    from realm_lm.index.versioned import block_ids_hash
+    name = publish(cfg.dir, emb, index, {"n_rows": len(store), "corpus_hash": store.corpus_hash,
+                                         "block_ids_sha256": block_ids_hash(store.block_ids),
+                                         "config": {"index": {"backend": backend, "dtype": "float32"}}})
+    loaded, manifest = load_index(cfg.dir, store)
+    assert manifest["version"] == name == latest_version(cfg.dir)
+    q = emb[:3] + 0.1
+    np.testing.assert_array_equal(loaded.search(q, 5)[1], index.search(q, 5)[1])
+
+
+def test_index_manifest_describes_itself_and_embeddings_are_reused(built):
+    m1 = read_manifest(built.index.dir)
+    assert m1["embedder_weights_sha256"] and m1["corpus_hash"] == CorpusStore(built.corpus.store).corpus_hash
+    assert m1["config"]["embedder"]["proj_dim"] == 16 and not m1["embeddings_reused"]
+    version = build_index(built, progress=False)  # same corpus, same weights: embeddings come from the cache
+    m2 = read_manifest(built.index.dir, version)
+    assert version == "v000002" and m2["embeddings_reused"] and m2["embedding_key"] == m1["embedding_key"]
+
+
+def test_index_over_another_corpus_is_refused(built, tmp_path):
+    other = load_config(ROOT / "configs" / "tiny.toml",
+                        tiny_overrides(tmp_path / "o", "corpus.block_len=24", f"corpus.store={tmp_path / 'other'}"))
+    build_corpus(other)
+    with pytest.raises(IndexMismatchError, match="different corpus"):
+        load_index(built.index.dir, CorpusStore(other.corpus.store))
+
+
+def test_missing_index_is_a_clear_error(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="realm index build"):
+        load_index(tmp_path / "nothing")

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from realm_lm.config import EmbedderConfig
+from realm_lm.models.embedder import build_retriever, weights_hash
+from realm_lm.models.pretrained import ModelNotFoundError, load_tokenizer, resolve_model_dir
+from realm_lm.retrieval import encode_queries
+
+from conftest import FIXTURES
+
+TINY = str(FIXTURES / "tiny-bert")
+
+
+def test_embedder_shapes_and_layernorm():
+    r = build_retriever(EmbedderConfig(model=TINY, proj_dim=16))
+    ids, mask = encode_queries(["the river", "who built the tower of the city"], resolve_model_dir(TINY), 24)
+    out = r.query(ids, mask)  # [2, 16]
+    assert out.shape == (2, 16)
+    assert torch.allclose(out.mean(-1), torch.zeros(2), atol=1e-5)  # LayerNorm output, default affine
+
+
+def test_padding_does_not_change_an_embedding():
+    r = build_retriever(EmbedderConfig(model=TINY, proj_dim=16))
+    model_dir = resolve_model_dir(TINY)
+    alone = r.doc(*encode_queries(["the river"], model_dir, 24))
+    padded = r.doc(*encode_queries(["the river", "a much longer text about the king of the city"], model_dir, 24))[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_towers_shared_or_separate_from_one_initialisation():
+    shared = build_retriever(EmbedderConfig(model=TINY, proj_dim=16))
+    assert shared.shared
+    separate = build_retriever(EmbedderConfig(model=TINY, proj_dim=16, share_towers=False))
+    assert not separate.shared and separate.query is not separate.doc
+    assert weights_hash(separate.query) == weights_hash(separate.doc) == weights_hash(shared.doc)
+    assert weights_hash(build_retriever(EmbedderConfig(model=TINY, proj_dim=16, seed=1)).doc) != weights_hash(shared.doc)
+
+
+def test_mean_pooling_is_unit_norm():
+    r = build_retriever(EmbedderConfig(model=TINY, pooling="mean"))
+    out = r.query(*encode_queries(["the river", "the king"], resolve_model_dir(TINY), 24))
+    assert out.shape == (2, 32)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a BERT checkpoint folder"):
+        resolve_model_dir(str(tmp_path))
+
+
+def test_minilm_tokenizer_matches_the_packaged_tokenizer_json():
+    """Parity: our WordPiece over vocab.txt gives the ids of the package's own tokenizer.json."""
+    model_dir = resolve_model_dir("minilm")
+    ours = load_tokenizer(model_dir)
+    reference = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    reference.no_truncation()
+    reference.no_padding()
+    text = "Who designed the Eiffel Tower in 1889? Théâtre, naïve café — “quotes” & 3.5%."
+    assert ours.encode(text, add_special_tokens=False).ids == reference.encode(text, add_special_tokens=False).ids
