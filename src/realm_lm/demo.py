@@ -8,7 +8,7 @@ from realm_lm.config import RunConfig
 from realm_lm.corpus.fetch import fetch_data
 from realm_lm.corpus.open_squad import load_questions
 from realm_lm.corpus.store import CorpusStore, build_corpus
-from realm_lm.eval.retrieval import evaluate_retrieval
+from realm_lm.eval.retrieval import compare_retrievers, recall_table_headers
 from realm_lm.index.build import build_index
 from realm_lm.report import markdown_table
 from realm_lm.retrieval import hits_of, make_searcher, minilm_mean_config
@@ -45,15 +45,10 @@ def run_demo(cfg: RunConfig) -> dict[str, float]:
 
     stage("4. retrieval on the Open-SQuAD questions (answer string in a top-k block)")
     searchers = {kind: make_searcher(cfg, kind, store) for kind in ("bm25", "minilm-mean", "realm")}
-    keys = [f"recall@{k}" for k in cfg.eval.ks]
-    rows = []
-    results: dict[str, float] = {}
-    for split in ("dev", "test"):
-        for kind, searcher in searchers.items():
-            r = timed(f"eval.{split}.{kind}", evaluate_retrieval, cfg, searcher, split, False)
-            rows.append([split, kind, *[f"{r[k]:.3f}" for k in keys], r["n_questions"]])
-            results.update({f"{split}.{kind}.{k}": r[k] for k in keys})
-    print(markdown_table(["split", "retriever", *keys, "questions"], rows))
+    t0 = time.perf_counter()
+    rows, results = compare_retrievers(cfg, searchers)
+    timings["eval"] = time.perf_counter() - t0
+    print(markdown_table(recall_table_headers(cfg), rows))
     print("REALM's retriever is untrained here ([CLS] + a random projection): pre-training is what makes it useful.")
 
     stage("5. example questions (test split), top 3 blocks from each retriever")

@@ -20,3 +20,21 @@ def evaluate_retrieval(cfg: RunConfig, searcher: Searcher, split: str, progress:
     out["n_questions"] = len(questions)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def compare_retrievers(cfg: RunConfig, searchers: dict[str, Searcher], splits: tuple[str, ...] = ("dev", "test"),
+                       ) -> tuple[list[list], dict[str, float]]:
+    """Rows of a recall table (split, retriever, recall@k..., questions, seconds) and flat ``split.kind.recall@k`` figures."""
+    keys = [f"recall@{k}" for k in cfg.eval.ks]
+    rows, flat = [], {}
+    for split in splits:
+        for kind, searcher in searchers.items():
+            r = evaluate_retrieval(cfg, searcher, split, progress=False)
+            rows.append([split, kind, *[f"{r[k]:.3f}" for k in keys], r["n_questions"], f"{r['seconds']:.1f}"])
+            flat.update({f"{split}.{kind}.{k}": r[k] for k in keys})
+            flat[f"{split}.{kind}.seconds"] = r["seconds"]
+    return rows, flat
+
+
+def recall_table_headers(cfg: RunConfig) -> list[str]:
+    return ["split", "retriever", *[f"recall@{k}" for k in cfg.eval.ks], "questions", "seconds"]

@@ -1,0 +1,45 @@
+"""REALM's knowledge-augmented encoder: a BERT over ``[CLS] query [SEP] block body [SEP]`` with an MLM head
+evaluated only at the masked positions (never full-vocabulary logits at every position)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertModel
+
+
+class MlmHead(nn.Module):
+    """BERT's prediction head: transform (dense, GELU, LayerNorm; newly initialised) + decoder tied to the word embeddings."""
+
+    def __init__(self, word_embeddings: nn.Embedding, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        hidden = word_embeddings.embedding_dim
+        self.dense = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=layer_norm_eps)
+        self.word_embeddings = word_embeddings  # tied: the decoder weight IS the input embedding matrix
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: [..., H] -> logits [..., V]
+        h = self.norm(nn.functional.gelu(self.dense(h)))
+        return h @ self.word_embeddings.weight.T + self.bias
+
+
+class KnowledgeEncoder(nn.Module):
+    def __init__(self, bert: BertModel):
+        super().__init__()
+        self.bert = bert
+        self.head = MlmHead(bert.embeddings.word_embeddings, bert.config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                mask_positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p(label_j | query, block) at every mask: [N, M] for N (query, block) pairs and M mask slots.
+
+        input_ids, attention_mask, token_type_ids: [N, L]; mask_positions, labels: [N, M] (padding slots point
+        at position 0 with label 0; the caller masks them out of the loss).
+        """
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                      token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
+        at_masks = h.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [N, M, H]
+        logp = self.head(at_masks).log_softmax(-1)  # [N, M, V]
+        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N, M]
