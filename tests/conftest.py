@@ -16,6 +16,9 @@ def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
             f"corpus.store={tmp_path / 'corpus'}",
             f"embedder.model={FIXTURES / 'tiny-bert'}",
             f"index.dir={tmp_path / 'index'}",
+            f"encoder.model={FIXTURES / 'tiny-bert'}",
+            f"ict.run_dir={tmp_path / 'ict'}",
+            f"pretrain.run_dir={tmp_path / 'pretrain'}",
             *extra]
 
 

@@ -60,3 +60,18 @@ def test_malformed_input_gives_exit_2_and_no_store(tmp_path, capsys):
 def test_unknown_override_gives_exit_2(tmp_path, capsys):
     assert realm(tmp_path, "corpus", "build", extra=["corpus.blok_len=3"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_ict_pretrain_resume_plot(tmp_path, capsys):
+    assert realm(tmp_path, "corpus", "build") == 0
+    assert realm(tmp_path, "ict") == 0
+    assert "ict_recall@1" in capsys.readouterr().out
+    assert realm(tmp_path, "pretrain", "--set", "pretrain.steps=2") == 0
+    assert realm(tmp_path, "pretrain", "--resume", "--set", "pretrain.steps=3") == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step 3:" in out
+    png = tmp_path / "pretrain" / "metrics.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert realm(tmp_path, "eval", "retrieval", "--split", "dev", "--from", str(tmp_path / "pretrain"),
+                 "--set", f"eval.squad={tmp_path / 'missing.json'}") == 2
+    assert "missing.json not found" in capsys.readouterr().err

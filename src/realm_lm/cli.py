@@ -75,8 +75,10 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     from realm_lm.eval.retrieval import evaluate_retrieval
-    from realm_lm.retrieval import make_searcher
+    from realm_lm.retrieval import make_searcher, trained_config
     cfg = _config(args)
+    if args.from_run:
+        cfg = trained_config(cfg, args.from_run)
     searcher = make_searcher(cfg, args.retriever)
     result = evaluate_retrieval(cfg, searcher, args.split)
     keys = [f"recall@{k}" for k in cfg.eval.ks]
@@ -84,6 +86,31 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
                          [[args.split, args.retriever, *[f"{result[k]:.3f}" for k in keys], result["n_questions"]]]))
     if args.json:
         Path(args.json).write_text(json.dumps({f"{args.split}.{args.retriever}.{k}": v for k, v in result.items()}, indent=2))
+
+
+def cmd_ict(args: argparse.Namespace) -> None:
+    from realm_lm.train.ict import main as ict_main
+    result = ict_main(_config(args), resume=args.resume)
+    print(markdown_table(["pseudo-queries on held-out blocks", *[k.removeprefix("before.") for k in result if k.startswith("before.")]],
+                         [[when, *[f"{v:.3f}" if isinstance(v, float) else v for k, v in result.items() if k.startswith(when)]]
+                          for when in ("before", "after")]))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from realm_lm.plot import plot_run
+    from realm_lm.train.pretrain import main as pretrain_main
+    cfg = _config(args)
+    history = pretrain_main(cfg, resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.3f}, index {last['index_version']} "
+              f"({last['refreshes']} versions used), trainer waited {last['index_wait_s']:.1f}s for the index")
+    print(f"metrics: {Path(cfg.pretrain.run_dir) / 'metrics.jsonl'}; plot: {plot_run(cfg.pretrain.run_dir)}")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from realm_lm.plot import plot_run
+    print(plot_run(args.run_dir, args.out))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -131,7 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     p.add_argument("--json", help="also write the figures as flat JSON to this file")
+    p.add_argument("--from", dest="from_run", help="a training run folder: use its retriever (and index it under RUN/eval-index)")
     p.set_defaults(func=cmd_eval_retrieval)
+
+    p = verbs.add_parser("ict", help="Inverse Cloze Task warm start of the retriever")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=cmd_ict)
+
+    p = verbs.add_parser("pretrain", help="REALM pre-training with asynchronous index refresh")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = verbs.add_parser("plot", help="PNG of a run's metrics (loss, accuracy, retrieval utility, staleness)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = verbs.add_parser("demo", help="the main job on the default data: fetch, corpus, index, evaluation, examples")
     _common(p)
@@ -148,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     from realm_lm.retrieval import BadQuestionError
 
     args = build_parser().parse_args(argv)
-    expected = (ConfigError, FetchError, CorpusInputError, CorpusStoreError, IndexNotFoundError, IndexMismatchError,
+    from realm_lm.masking import NerUnavailableError
+    from realm_lm.train.checkpoint import CheckpointError
+    expected = (ConfigError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError, CorpusStoreError, IndexNotFoundError, IndexMismatchError,
                 ModelNotFoundError, BadQuestionError, FileNotFoundError)
     t0 = time.perf_counter()
     try:

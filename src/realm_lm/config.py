@@ -41,7 +41,7 @@ class EmbedderConfig:
     share_towers: bool = True  # query and document embedders share weights (REALM default)
     max_query_len: int = 64
     seed: int = 0  # initialisation of the projection
-    checkpoint: str = ""  # safetensors file with trained embedder weights; empty = as initialised
+    checkpoint: str = ""  # a training run folder (or one checkpoint in it) to take the towers from; empty = as initialised
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,53 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class EncoderConfig:
+    model: str = "minilm"  # the knowledge-augmented encoder: a separate copy of this BERT
+    max_joint_len: int = 512  # [CLS] query [SEP] body [SEP] is cut to this many wordpieces
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    mode: str = "async"  # async: a builder process re-embeds while training goes on | sync: training waits | never
+    every: int = 50  # steps between index refreshes (paper: ~500 on TPUs; a CPU run takes fewer, slower steps)
+    threads: int = 1  # intra-op threads of the builder process (the trainer keeps the rest)
+    keep: int = 3  # index versions kept on disk
+
+
+@dataclass(frozen=True)
+class IctConfig:
+    run_dir: str = "runs/ict"
+    steps: int = 200
+    batch_size: int = 32  # in-batch negatives: batch_size - 1 per query (ORQA: 4096)
+    lr: float = 5e-5
+    query_len: int = 64
+    remove_prob: float = 0.9  # the sentence is removed from its block with this probability
+    eval_blocks: int = 1000  # held-out blocks for the pseudo-query recall@k
+    save_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    run_dir: str = "runs/pretrain"
+    init_from: str = ""  # a run folder (ICT or pre-training) whose latest checkpoint gives the starting weights
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 3e-5
+    warmup_steps: int = -1  # -1: the paper's min(10k, max(100, steps/10))
+    weight_decay: float = 0.01
+    top_k: int = 8  # candidates per query, the null block included
+    query_len: int = 96
+    max_masks: int = 10
+    masking: str = "salient"  # salient | random-uniform | random-span
+    marginal: str = "per-token"  # per-token (released code) | paper (product over masks inside the sum over z)
+    heldout_every: int = 20  # every 20th block (by id hash) is held out of training, for evaluation
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 20)
     squad: str = "data/squad_v1.1_dev.json"  # questions of the Open-SQuAD splits come from here
@@ -77,6 +124,10 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    ict: IctConfig = field(default_factory=IctConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -162,6 +213,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             cursor = cursor.setdefault(part, {})
         cursor[leaf] = _parse_override_value(raw.strip())
         values = _merge(values, nested)
+    return _build(RunConfig, values, "")
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """The inverse of :func:`config_to_dict` (a config stored with an artifact)."""
     return _build(RunConfig, values, "")
 
 

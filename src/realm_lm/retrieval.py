@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from realm_lm.config import RunConfig
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.versioned import IndexNotFoundError, load_index
+from realm_lm.index.build import build_index
+from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 
@@ -119,8 +120,16 @@ def minilm_mean_config(cfg: RunConfig) -> RunConfig:
                    index=replace(cfg.index, dir=str(Path(cfg.index.dir).with_name(Path(cfg.index.dir).name + "-minilm-mean"))))
 
 
+def trained_config(cfg: RunConfig, run_dir: str | Path) -> RunConfig:
+    """Retrieve with the towers of a training run, from an index of the full corpus kept in RUN_DIR/eval-index."""
+    return replace(cfg, embedder=replace(cfg.embedder, checkpoint=str(run_dir)),
+                   index=replace(cfg.index, dir=str(Path(run_dir) / "eval-index")))
+
+
 def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -> Searcher:
     if kind == "realm":
+        if cfg.embedder.checkpoint and latest_version(cfg.index.dir) is None:
+            build_index(cfg, store=store)  # a trained retriever's own index, built on first use
         return DenseSearcher(cfg, store)
     if kind == "minilm-mean":
         return DenseSearcher(minilm_mean_config(cfg), store)

@@ -55,17 +55,19 @@ def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True) -> str:
-    """Embed ``cfg.corpus.store`` (or reuse embeddings with the same key) and publish to ``cfg.index.dir``."""
-    store = CorpusStore(cfg.corpus.store)
-    retriever = build_retriever(cfg.embedder)
-    doc_hash = weights_hash(retriever.doc)
+def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,
+                doc_embedder: Embedder | None = None, store: CorpusStore | None = None) -> str:
+    """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes; embeddings
+    with the same corpus and weights are reused) and publish a new version to ``cfg.index.dir``."""
+    store = store or CorpusStore(cfg.corpus.store)
+    doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc
+    doc_hash = weights_hash(doc_embedder)
     key = embedding_key(store.corpus_hash, doc_hash, cfg)
     t0 = time.perf_counter()
     embeddings = find_embeddings(cfg.index.dir, key)
     reused = embeddings is not None
     if embeddings is None:
-        embeddings = embed_rows(retriever.doc, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
+        embeddings = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
                                 progress=progress)
     embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -87,4 +89,4 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "index_build_seconds": round(build_s, 3),
         "config": config_to_dict(cfg),
     }
-    return publish(cfg.index.dir, embeddings, index, manifest)
+    return publish(cfg.index.dir, embeddings, index, manifest, keep=cfg.refresh.keep)

@@ -69,9 +69,29 @@ def build_retriever(cfg: EmbedderConfig) -> Retriever:
     torch.random.set_rng_state(generator_state)
     retriever = Retriever(query, doc)
     if cfg.checkpoint:
-        from safetensors.torch import load_file
-        retriever.load_state_dict(load_file(cfg.checkpoint))
+        load_retriever_weights(retriever, cfg.checkpoint)
     return retriever.eval()
+
+
+def load_retriever_weights(retriever: Retriever, checkpoint: str | Path) -> None:
+    """The ``retriever.*`` tensors of a training checkpoint (a run folder means its latest checkpoint)."""
+    from safetensors.torch import load_file
+
+    from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint
+
+    path = Path(checkpoint)
+    if not (path / "model.safetensors").is_file():
+        path = latest_checkpoint(path) or path
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"no checkpoint at {checkpoint}")
+    tensors = {k.removeprefix("retriever."): v for k, v in load_file(str(file)).items() if k.startswith("retriever.")}
+    missing, _ = retriever.load_state_dict(tensors, strict=False)
+    # a shared tower is stored once, under either name: a key is only missing if its twin is missing too
+    twin = lambda k: k.replace("query.", "doc.", 1) if k.startswith("query.") else k.replace("doc.", "query.", 1)  # noqa: E731
+    really_missing = [k for k in missing if twin(k) not in tensors]
+    if really_missing or not tensors:
+        raise CheckpointError(f"{file} does not hold this retriever's weights (missing {really_missing[:3]}...)")
 
 
 def weights_hash(module: nn.Module) -> str:

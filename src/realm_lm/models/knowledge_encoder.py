@@ -32,14 +32,13 @@ class KnowledgeEncoder(nn.Module):
         self.head = MlmHead(bert.embeddings.word_embeddings, bert.config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                mask_positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log p(label_j | query, block) at every mask: [N, M] for N (query, block) pairs and M mask slots.
+                mask_positions: torch.Tensor) -> torch.Tensor:
+        """log p(v | query, block) over the vocabulary at the masks only: [N, M, V] for N (query, block) pairs.
 
-        input_ids, attention_mask, token_type_ids: [N, L]; mask_positions, labels: [N, M] (padding slots point
-        at position 0 with label 0; the caller masks them out of the loss).
+        input_ids, attention_mask, token_type_ids: [N, L]; mask_positions: [N, M] (padding slots point at 0;
+        the caller masks them out).
         """
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
         at_masks = h.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [N, M, H]
-        logp = self.head(at_masks).log_softmax(-1)  # [N, M, V]
-        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N, M]
+        return self.head(at_masks).log_softmax(-1)  # [N, M, V]

@@ -1,0 +1,172 @@
+"""Asynchronous index refresh (REALM §3.4): a separate builder process re-embeds the corpus with a snapshot
+of the document tower and publishes a new index version, while the trainer keeps training on the old one.
+
+The trainer makes ONE call per step, :meth:`IndexRefresher.maybe_swap`, which (1) swaps in a newer published
+version if there is one, between steps, without waiting, and (2) when the schedule says so and no builder is
+running, writes a weight snapshot and starts a builder. ``sync`` mode runs the same builder and waits for it
+(for comparison); ``never`` keeps the first index (the "stale index" ablation).
+
+Run as a module, this file is the builder: ``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from realm_lm.config import RunConfig, config_from_dict, config_to_dict
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.index.backends import Index
+from realm_lm.index.versioned import latest_version, load_index
+from realm_lm.models.embedder import Embedder, build_retriever
+
+REFRESH_MODES = ("async", "sync", "never")
+
+
+@dataclass
+class RefreshSchedule:
+    """When to start a refresh: every ``every`` steps, never two at once, never in ``never`` mode."""
+
+    every: int
+    mode: str
+    last_started: int = 0
+
+    def due(self, step: int, builder_running: bool) -> bool:
+        return self.mode != "never" and not builder_running and step - self.last_started >= self.every
+
+
+@dataclass
+class RefreshStats:
+    waited_s: float = 0.0  # trainer time spent waiting for an index (sync mode, or the very first index)
+    refreshes_started: int = 0
+    swaps: int = 0
+    failures: int = 0
+    durations_s: list[float] = field(default_factory=list)  # builder wall time of each published refresh
+
+
+class IndexRefresher:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore):
+        if cfg.refresh.mode not in REFRESH_MODES:
+            raise ValueError(f"refresh.mode must be one of {REFRESH_MODES}, not {cfg.refresh.mode!r}")
+        self.run_dir = Path(run_dir)
+        self.cfg = replace(cfg, index=replace(cfg.index, dir=str(self.run_dir / "index")))
+        self.store = store
+        self.schedule = RefreshSchedule(cfg.refresh.every, cfg.refresh.mode)
+        self.stats = RefreshStats()
+        self.builder: subprocess.Popen | None = None
+        self.builder_started = 0.0
+        self.index: Index | None = None
+        self.manifest: dict[str, Any] = {}
+        (self.run_dir / "refresh").mkdir(parents=True, exist_ok=True)
+
+    # -- the trainer's view -------------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self.manifest.get("version", "")
+
+    def staleness(self, step: int) -> int:
+        """Training steps between the weights that embedded the index in use and the current weights."""
+        return step - int(self.manifest.get("embedder_step") or 0)
+
+    def start(self, doc: Embedder, step: int) -> None:
+        """Load the newest published version, or build the first one now (the trainer waits for this one)."""
+        if latest_version(self.cfg.index.dir) is None:
+            t0 = time.perf_counter()
+            self._launch(doc, step)
+            self._wait()
+            self.stats.waited_s += time.perf_counter() - t0
+        self._swap_if_newer()
+        built_at = self.manifest.get("embedder_step")
+        self.schedule.last_started = step if built_at is None else int(built_at)
+
+    def maybe_swap(self, step: int, doc: Embedder) -> bool:
+        """The one call per training step. Returns True when a new index version was swapped in."""
+        self._reap()
+        swapped = self._swap_if_newer()
+        if self.schedule.due(step, self.builder is not None):
+            self._launch(doc, step)
+            if self.schedule.mode == "sync":
+                t0 = time.perf_counter()
+                self._wait()
+                self.stats.waited_s += time.perf_counter() - t0
+                swapped = self._swap_if_newer() or swapped
+        return swapped
+
+    def close(self) -> None:
+        """Stop a running builder (its staging folder is discarded; published versions stay)."""
+        if self.builder is not None and self.builder.poll() is None:
+            self.builder.terminate()
+            self.builder.wait(timeout=30)
+        self.builder = None
+
+    # -- internals ---------------------------------------------------------------------------------------
+    def _launch(self, doc: Embedder, step: int) -> None:
+        snapshot = self.run_dir / "refresh" / f"doc_tower_step{step:07d}.safetensors"
+        tmp = snapshot.with_name(f".{snapshot.name}.tmp")
+        save_model(doc, str(tmp))
+        os.replace(tmp, snapshot)
+        cfg_path = self.run_dir / "refresh" / "config.json"
+        cfg_path.write_text(json.dumps(config_to_dict(self.cfg)))
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.cfg.refresh.threads)}
+        self.builder = subprocess.Popen(
+            [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step)],
+            stdout=open(self.run_dir / "refresh" / "builder.log", "a"), stderr=subprocess.STDOUT, env=env)
+        self.builder_started = time.perf_counter()
+        self.schedule.last_started = step
+        self.stats.refreshes_started += 1
+
+    def _wait(self) -> None:
+        if self.builder is not None:
+            self.builder.wait()
+            self._reap()
+
+    def _reap(self) -> None:
+        if self.builder is None or self.builder.poll() is None:
+            return
+        if self.builder.returncode != 0:
+            self.stats.failures += 1
+            print(f"index builder failed (exit {self.builder.returncode}); see {self.run_dir / 'refresh' / 'builder.log'}; "
+                  f"training goes on with index {self.version}", file=sys.stderr)
+        else:
+            self.stats.durations_s.append(time.perf_counter() - self.builder_started)
+        self.builder = None
+        for old in sorted((self.run_dir / "refresh").glob("doc_tower_step*.safetensors"))[:-1]:
+            old.unlink(missing_ok=True)
+
+    def _swap_if_newer(self) -> bool:
+        newest = latest_version(self.cfg.index.dir)
+        if newest is None or newest == self.version:
+            return False
+        self.index, self.manifest = load_index(self.cfg.index.dir, self.store, cfg=self.cfg.index)
+        self.stats.swaps += 1
+        return True
+
+
+def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int) -> str:
+    """The builder's job: document tower from the snapshot -> embeddings of every block -> a published version."""
+    from realm_lm.index.build import build_index
+
+    torch.set_num_threads(cfg.refresh.threads)
+    doc = build_retriever(replace(cfg.embedder, checkpoint="")).doc
+    load_model(doc, str(snapshot))
+    return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc)
+
+
+if __name__ == "__main__":
+    config_json, snapshot_path, step_text = sys.argv[1:4]
+    from realm_lm.runtime import setup_runtime
+
+    run_cfg = config_from_dict(json.loads(Path(config_json).read_text()))
+    setup_runtime(run_cfg)
+    t0 = time.perf_counter()
+    name = build_from_snapshot(run_cfg, Path(snapshot_path), int(step_text))
+    print(f"published {name} (embedder step {step_text}) in {time.perf_counter() - t0:.1f}s", flush=True)

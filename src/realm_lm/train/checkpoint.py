@@ -1,0 +1,95 @@
+"""Training checkpoints: weights and optimizer state in safetensors, step + RNG state + config in JSON,
+published atomically (staging folder, then rename) under ``run_dir/checkpoints/step_NNNNNNN`` with a LATEST pointer.
+
+A kill at any moment leaves the previous checkpoint intact; ``--resume`` loads the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from realm_lm.artifacts import staged_dir
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": repr(random.getstate()), "numpy": np.random.get_state()[1].tolist()[:4],
+            "torch": torch.random.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{idx}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = float(value)
+    return tensors, scalars
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, opt: torch.optim.Optimizer | None,
+                    extra: dict[str, Any], keep: int = 2) -> Path:
+    folder = Path(run_dir) / "checkpoints"
+    final = folder / f"step_{step:07d}"
+    with staged_dir(final) as staging:
+        save_model(model, str(staging / "model.safetensors"))  # handles tied weights (MLM decoder = embeddings)
+        state: dict[str, Any] = {"step": step, "rng": rng_state(), **extra}
+        if opt is not None:
+            tensors, scalars = _optimizer_tensors(opt)
+            save_file(tensors, str(staging / "optim.safetensors"))
+            state["optimizer"] = {"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
+    tmp = folder / f".LATEST.tmp-{os.getpid()}"
+    tmp.write_text(final.name)
+    os.replace(tmp, folder / "LATEST")
+    for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "LATEST"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
+                    strict: bool = True) -> dict[str, Any]:
+    """Load weights (and optimizer state) into ``model`` / ``opt``; return state.json."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=strict)
+    except (OSError, json.JSONDecodeError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable or does not fit this model: {err}") from err
+    if opt is not None and (path / "optim.safetensors").is_file():
+        tensors = load_file(str(path / "optim.safetensors"))
+        per_param: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            per_param.setdefault(int(idx), {})[name] = value
+        for key, value in state["optimizer"]["scalars"].items():
+            idx, name = key.split(".", 1)
+            per_param.setdefault(int(idx), {})[name] = torch.tensor(value)
+        opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    return state

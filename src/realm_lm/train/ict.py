@@ -1,0 +1,157 @@
+"""`realm ict`: the Inverse Cloze Task warm start of the retriever (ORQA).
+
+A sentence is the pseudo-query; its block, with the sentence removed with probability ``remove_prob``, is the
+positive; the other blocks of the batch are the negatives (softmax over in-batch inner products).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from realm_lm.artifacts import write_json_atomic
+from realm_lm.config import RunConfig, config_to_dict
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.losses import in_batch_nll
+from realm_lm.masking import build_sentence_table
+from realm_lm.models.embedder import Retriever, build_retriever
+from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from realm_lm.train.data import heldout_mask, pad_rows
+
+
+class IctModel(nn.Module):
+    """The retriever alone, under the same parameter names as in pre-training (``retriever.*``)."""
+
+    def __init__(self, retriever: Retriever):
+        super().__init__()
+        self.retriever = retriever
+
+
+class IctRecipe:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.ict.run_dir)
+        self.step = 0
+
+    def setup(self, resume: bool = False) -> None:
+        cfg = self.cfg
+        self.store = CorpusStore(cfg.corpus.store)
+        model_dir = resolve_model_dir(cfg.embedder.model)
+        self.special = SpecialIds(load_tokenizer(model_dir))
+        self.sentences = build_sentence_table(self.store, model_dir)
+        held_blocks = heldout_mask(self.store, cfg.pretrain.heldout_every)
+        held = held_blocks[self.sentences.block]
+        self.train_sentences = np.nonzero(~held)[0]
+        self.heldout_sentences = np.nonzero(held)[0]
+        torch.manual_seed(cfg.ict.seed)
+        self.model = IctModel(build_retriever(cfg.embedder))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.ict.lr, weight_decay=0.01)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
+        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            state = load_checkpoint(ckpt, self.model, self.opt)
+            self.step = state["step"]
+            set_rng_state(state["rng"])
+            print(f"resumed from {ckpt} at step {self.step}")
+
+    def title_ids(self, row: int) -> np.ndarray:
+        tokens = np.asarray(self.store.tokens[row, :self.store.lengths[row]])
+        return tokens[1:int(np.argmax(tokens == self.special.sep))]
+
+    def pair(self, s: int, remove: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(``[CLS] sentence [SEP]``, ``[CLS] title [SEP] block body (without the sentence) [SEP]``)."""
+        t, sp, cfg = self.sentences, self.special, self.cfg
+        row = t.block[s]
+        body = t.body(row)
+        a, b = t.tok_start[s], t.tok_end[s]
+        query = np.concatenate([[sp.cls], body[a:b][:cfg.ict.query_len - 2], [sp.sep]])
+        context = np.concatenate([body[:a], body[b:]]) if remove else body
+        title = self.title_ids(row)
+        room = cfg.corpus.block_len - 3 - len(title)
+        block = np.concatenate([[sp.cls], title, [sp.sep], context[:room], [sp.sep]])
+        return query, block
+
+    def batch(self, sentence_pool: np.ndarray, size: int, rng: np.random.Generator, remove_prob: float):
+        """``size`` pairs from distinct blocks (a second sentence of the same block would be a false negative)."""
+        picked, blocks = [], set()
+        for s in rng.permutation(sentence_pool)[:size * 4]:
+            if self.sentences.block[s] not in blocks:
+                blocks.add(self.sentences.block[s])
+                picked.append(s)
+            if len(picked) == size:
+                break
+        pairs = [self.pair(s, rng.random() < remove_prob) for s in picked]
+        q_ids, q_mask = pad_rows([p[0] for p in pairs], self.special.pad)
+        d_ids, d_mask = pad_rows([p[1] for p in pairs], self.special.pad)
+        return q_ids, q_mask, d_ids, d_mask
+
+    def train_step(self) -> dict[str, Any]:
+        ict = self.cfg.ict
+        rng = np.random.default_rng([ict.seed, self.step])
+        torch.manual_seed(ict.seed * 1_000_003 + self.step)
+        q_ids, q_mask, d_ids, d_mask = self.batch(self.train_sentences, ict.batch_size, rng, ict.remove_prob)
+        self.model.train()
+        t0 = time.perf_counter()
+        q = self.model.retriever.query(q_ids, q_mask)  # [B, D]
+        d = self.model.retriever.doc(d_ids, d_mask)  # [B, D]
+        loss = in_batch_nll(q, d)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        with torch.no_grad():
+            acc = ((q @ d.T).argmax(-1) == torch.arange(len(q))).float().mean()
+        return {"loss": float(loss.detach()), "in_batch_acc": float(acc), "step_s": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def evaluate(self, ks: tuple[int, ...] = (1, 5, 20)) -> dict[str, float]:
+        """Recall@k of pseudo-queries among held-out blocks (one sentence each, always removed)."""
+        self.model.eval()
+        rng = np.random.default_rng(999)
+        q_ids, q_mask, d_ids, d_mask = self.batch(self.heldout_sentences, self.cfg.ict.eval_blocks, rng, 1.0)
+        q = torch.cat([self.model.retriever.query(q_ids[i:i + 64], q_mask[i:i + 64]) for i in range(0, len(q_ids), 64)])
+        d = torch.cat([self.model.retriever.doc(d_ids[i:i + 64], d_mask[i:i + 64]) for i in range(0, len(d_ids), 64)])
+        rank = ((q @ d.T) > (q * d).sum(-1, keepdim=True)).sum(-1)  # blocks scored above the true one
+        return {f"ict_recall@{k}": float((rank < k).float().mean()) for k in ks} | {"ict_eval_blocks": len(q)}
+
+    def train(self) -> list[dict[str, Any]]:
+        ict = self.cfg.ict
+        history = []
+        t_start = time.perf_counter()
+        with open(self.run_dir / "metrics.jsonl", "a") as log, \
+                tqdm(total=ict.steps, initial=self.step, desc="ICT", unit="step") as bar:
+            while self.step < ict.steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
+                history.append(metrics)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['in_batch_acc']:.2f}")
+                bar.update(1)
+                if self.step % ict.save_every == 0 or self.step == ict.steps:
+                    self.save()
+        return history
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                               {"config": config_to_dict(self.cfg), "kind": "ict"})
+
+
+def main(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    recipe = IctRecipe(cfg)
+    recipe.setup(resume=resume)
+    before = recipe.evaluate(cfg.eval.ks)
+    recipe.train()
+    after = recipe.evaluate(cfg.eval.ks)
+    result = {f"before.{k}": v for k, v in before.items()} | {f"after.{k}": v for k, v in after.items()}
+    write_json_atomic(recipe.run_dir / "ict_eval.json", result)
+    return result

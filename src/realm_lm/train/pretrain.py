@@ -1,0 +1,247 @@
+"""`realm pretrain`: REALM pre-training with salient-span masking, latent retrieval over a stale index that an
+asynchronous builder refreshes, and the marginal likelihood over the top-k candidates (null block included)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from realm_lm.artifacts import write_json_atomic
+from realm_lm.config import RunConfig, config_to_dict
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.index.refresher import IndexRefresher
+from realm_lm.losses import marginal_nll, retrieval_utility
+from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, salient_spans,
+                              spans_per_sentence)
+from realm_lm.models.embedder import Retriever, build_retriever, load_bert
+from realm_lm.models.knowledge_encoder import KnowledgeEncoder
+from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
+                                 pad_rows)
+
+
+class RealmModel(nn.Module):
+    """Everything REALM pre-training trains: the retriever's towers and the knowledge-augmented encoder."""
+
+    def __init__(self, retriever: Retriever, encoder: KnowledgeEncoder):
+        super().__init__()
+        self.retriever = retriever
+        self.encoder = encoder
+
+
+def warmup_steps(cfg: RunConfig) -> int:
+    p = cfg.pretrain
+    return p.warmup_steps if p.warmup_steps >= 0 else min(10_000, max(100, p.steps // 10))
+
+
+def linear_schedule(opt: torch.optim.Optimizer, warmup: int, total: int, done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """BERT's schedule: linear warm-up, then linear decay to 0 at ``total``; ``done`` steps already taken."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total - s) / max(1, total - warmup))),
+        last_epoch=done - 1)
+
+
+class PretrainRecipe:
+    def __init__(self, cfg: RunConfig):
+        p = cfg.pretrain
+        if p.masking not in MASKING_MODES:
+            raise ValueError(f"pretrain.masking must be one of {MASKING_MODES}, not {p.masking!r}")
+        if p.top_k < 2:
+            raise ValueError("pretrain.top_k counts the null block, so it must be >= 2")
+        self.cfg = cfg
+        self.run_dir = Path(p.run_dir)
+        self.step = 0
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def setup(self, resume: bool = False) -> None:
+        cfg, p = self.cfg, self.cfg.pretrain
+        self.store = CorpusStore(cfg.corpus.store)
+        self.model_dir = resolve_model_dir(cfg.embedder.model)
+        self.special = SpecialIds(load_tokenizer(self.model_dir))
+        self.sentences = build_sentence_table(self.store, self.model_dir)
+        if p.masking == "salient":
+            rows, chars = salient_spans(self.store)
+        else:
+            rows, chars = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+        self.spans = spans_per_sentence(self.sentences, rows, chars, p.max_masks)
+        held = heldout_mask(self.store, p.heldout_every)[self.sentences.block]
+        usable = np.diff(self.spans.start) > 0 if p.masking == "salient" else np.ones(len(self.sentences), bool)
+        self.train_sentences = np.nonzero(usable & ~held)[0]
+        self.heldout_sentences = np.nonzero(usable & held)[0]
+        if len(self.train_sentences) == 0:
+            raise ValueError("no training sentences with a maskable span in this corpus")
+
+        torch.manual_seed(p.seed)
+        retriever = build_retriever(cfg.embedder)
+        encoder = KnowledgeEncoder(load_bert(resolve_model_dir(cfg.encoder.model)))
+        self.model = RealmModel(retriever, encoder)
+        if p.init_from:
+            ckpt = latest_checkpoint(p.init_from)
+            if ckpt is None:
+                raise FileNotFoundError(f"pretrain.init_from: no checkpoint in {p.init_from}")
+            load_checkpoint(ckpt, self.model, strict=False)  # an ICT run carries the retriever only
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        self.sched = linear_schedule(self.opt, warmup_steps(cfg), p.steps)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
+        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            self.resume(ckpt)
+        elif not resume and (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+        self.refresher = IndexRefresher(cfg, self.run_dir, self.store)
+        self.refresher.start(self.model.retriever.doc, self.step)
+
+    def resume(self, ckpt: Path) -> None:
+        state = load_checkpoint(ckpt, self.model, self.opt)
+        self.step = state["step"]
+        self.sched = linear_schedule(self.opt, warmup_steps(self.cfg), self.cfg.pretrain.steps, done=self.step)
+        set_rng_state(state["rng"])
+        log = self.run_dir / "metrics.jsonl"
+        if log.exists():  # the steps after the checkpoint are redone, so their lines go
+            kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+            tmp = log.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(l + "\n" for l in kept))
+            tmp.replace(log)
+        print(f"resumed from {ckpt} at step {self.step}")
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def make_batch(self, sentence_ids: np.ndarray, rng: np.random.Generator) -> PretrainBatch:
+        p, t = self.cfg.pretrain, self.sentences
+        queries, sources = [], []
+        for s in sentence_ids:
+            row = t.block[s]
+            ids = t.body(row)[t.tok_start[s]:t.tok_end[s]]
+            q = mask_query(ids, self.special, p.masking, rng, self.spans.of(s), p.query_len, p.max_masks)
+            if q is not None:
+                queries.append(q)
+                sources.append(row)
+        return collate_queries(queries, np.asarray(sources), self.special)
+
+    def candidates(self, query_emb: torch.Tensor, sources: np.ndarray) -> list[list[int]]:
+        """Top (k-1) rows of the stale index per query, the query's own block excluded (trivial retrieval)."""
+        k = self.cfg.pretrain.top_k - 1
+        _, found = self.refresher.index.search(query_emb.detach().float().numpy(), k + 1)
+        return [[int(r) for r in row if r >= 0 and r != src][:k] for row, src in zip(found, sources)]
+
+    def forward(self, batch: PretrainBatch) -> dict[str, torch.Tensor]:
+        """Loss and diagnostics of one batch; candidates re-scored with the CURRENT towers (gradients reach both)."""
+        sp, model = self.special, self.model
+        q = model.retriever.query(batch.query_ids, batch.query_mask)  # [B, D]
+        cands = self.candidates(q, batch.source_rows)
+        k = min(len(c) for c in cands)
+        cands = [c[:k] for c in cands]
+        B = len(cands)
+        null_block = np.array([sp.cls, sp.sep, sp.sep])  # empty title, empty body: the null block
+        d_ids, d_mask = pad_rows([null_block, *block_rows(self.store, np.asarray(cands).reshape(-1))], sp.pad)
+        d = model.retriever.doc(d_ids, d_mask)  # [1 + B*k, D]
+        d_cand = d[1:].view(B, k, -1)  # [B, k, D]
+        logits = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
+        bodies = [[body_of(self.store, r, sp.sep) for r in c] + [np.zeros(0, np.int64)] for c in cands]
+        ids, mask, types = joint_inputs(batch.queries, bodies, sp, self.cfg.encoder.max_joint_len)  # [B*(k+1), W]
+        K = k + 1
+        positions = batch.mask_positions.repeat_interleave(K, dim=0)  # [B*K, M]
+        logp = model.encoder(ids, mask, types, positions).view(B, K, positions.shape[1], -1)  # [B, K, M, V]
+        labels = batch.labels[:, None, :, None].expand(-1, K, -1, -1)  # [B, K, M, 1]
+        token_logp = logp.gather(-1, labels).squeeze(-1)  # [B, K, M]
+        loss = marginal_nll(logits, token_logp, batch.label_mask, self.cfg.pretrain.marginal)
+        with torch.no_grad():
+            pz = logits.softmax(-1)  # [B, K]
+            marginal = torch.einsum("bk,bkmv->bmv", pz, logp.exp())  # [B, M, V]
+            real = batch.label_mask.bool()
+            correct = (marginal.argmax(-1) == batch.labels)[real].float().mean()
+            ru = retrieval_utility(token_logp, batch.label_mask, null_index=K - 1)  # [B, K]
+            top = logits[:, :-1].argmax(-1)  # the best non-null candidate
+            ru_top = ru.gather(1, top[:, None]).mean()
+        return {"loss": loss, "mask_acc": correct, "ru_top": ru_top, "p_null": pz[:, -1].mean(),
+                "masks": batch.label_mask.sum()}
+
+    def train_step(self) -> dict[str, Any]:
+        p = self.cfg.pretrain
+        rng = np.random.default_rng([p.seed, self.step])  # the batch is a function of (seed, step): resume-exact
+        torch.manual_seed(p.seed * 1_000_003 + self.step)  # dropout too
+        batch = self.make_batch(rng.choice(self.train_sentences, size=p.batch_size, replace=False), rng)
+        self.model.train()
+        t0 = time.perf_counter()
+        out = self.forward(batch)
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        return {k: float(v.detach()) for k, v in out.items()} | {"step_s": time.perf_counter() - t0,
+                                                          "lr": self.sched.get_last_lr()[0]}
+
+    # -- loop -----------------------------------------------------------------------------------------------
+    def train(self, stop_after: int | None = None) -> list[dict[str, Any]]:
+        p = self.cfg.pretrain
+        history = []
+        t_start = time.perf_counter()
+        log = open(self.run_dir / "metrics.jsonl", "a")
+        end = p.steps if stop_after is None else min(p.steps, self.step + stop_after)
+        try:
+            with tqdm(total=p.steps, initial=self.step, desc="pre-training", unit="step") as bar:
+                while self.step < end:
+                    swapped = self.refresher.maybe_swap(self.step, self.model.retriever.doc)
+                    metrics = self.train_step()
+                    self.step += 1
+                    stats = self.refresher.stats
+                    metrics |= {"step": self.step, "index_version": self.refresher.version,
+                                "staleness": self.refresher.staleness(self.step), "swapped": swapped,
+                                "refreshes": stats.swaps, "index_wait_s": round(stats.waited_s, 3),
+                                "wall_s": round(time.perf_counter() - t_start, 2)}
+                    history.append(metrics)
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mask_acc']:.2f}",
+                                    index=self.refresher.version, stale=metrics["staleness"])
+                    bar.update(1)
+                    if self.step % p.save_every == 0 or self.step == p.steps:
+                        self.save()
+        finally:
+            log.close()
+        return history
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                               {"config": config_to_dict(self.cfg), "index_version": self.refresher.version,
+                                "kind": "pretrain"})
+
+    def close(self) -> None:
+        self.refresher.close()
+
+    @torch.no_grad()
+    def evaluate(self, n_queries: int = 200, batch_size: int = 8) -> dict[str, float]:
+        """Masked-token accuracy and retrieval utility on salient spans of HELD-OUT blocks (never trained on)."""
+        self.model.eval()
+        rng = np.random.default_rng(12345)
+        pool = self.heldout_sentences
+        chosen = rng.choice(pool, size=min(n_queries, len(pool)), replace=False)
+        acc, ru, masks = 0.0, 0.0, 0.0
+        for start in range(0, len(chosen), batch_size):
+            batch = self.make_batch(chosen[start:start + batch_size], rng)
+            out = self.forward(batch)
+            n = float(out["masks"])
+            acc += float(out["mask_acc"]) * n
+            ru += float(out["ru_top"]) * len(batch.queries)
+            masks += n
+        return {"heldout_mask_acc": acc / max(masks, 1), "heldout_ru_top": ru / max(len(chosen), 1),
+                "heldout_queries": len(chosen)}
+
+
+def main(cfg: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
+    recipe = PretrainRecipe(cfg)
+    recipe.setup(resume=resume)
+    try:
+        return recipe.train()
+    finally:
+        recipe.close()

@@ -1,0 +1,130 @@
+"""REALM pre-training on the tiny corpus: null block, trivial-retrieval exclusion, gradients, refresh, resume."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from realm_lm.config import load_config
+from realm_lm.corpus.store import build_corpus
+from realm_lm.index.versioned import latest_version, load_index
+from realm_lm.train.pretrain import PretrainRecipe
+
+from conftest import ROOT, tiny_overrides
+
+
+def recipe_for(tmp_path, *extra):
+    cfg = load_config(ROOT / "configs" / "tiny.toml", tiny_overrides(tmp_path, *extra))
+    build_corpus(cfg)
+    recipe = PretrainRecipe(cfg)
+    return recipe
+
+
+def test_candidates_exclude_the_source_block_and_end_with_the_null_block(tmp_path):
+    recipe = recipe_for(tmp_path)
+    recipe.setup()
+    try:
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            batch = recipe.make_batch(rng.choice(recipe.train_sentences, 2, replace=False), rng)
+            q = recipe.model.retriever.query(batch.query_ids, batch.query_mask)
+            cands = recipe.candidates(q, batch.source_rows)
+            for c, src in zip(cands, batch.source_rows):
+                assert src not in c and len(c) == recipe.cfg.pretrain.top_k - 1
+        # the forward adds the null block as the last candidate: with k-1 retrieved, logits have k columns
+        out = recipe.forward(batch)
+        assert torch.isfinite(out["loss"]) and 0 <= float(out["p_null"]) <= 1
+    finally:
+        recipe.close()
+
+
+def test_gradients_reach_both_towers_and_the_encoder(tmp_path):
+    recipe = recipe_for(tmp_path, "embedder.share_towers=false")
+    recipe.setup()
+    try:
+        rng = np.random.default_rng(1)
+        batch = recipe.make_batch(rng.choice(recipe.train_sentences, 2, replace=False), rng)
+        recipe.forward(batch)["loss"].backward()
+        m = recipe.model
+        for name, module in [("query", m.retriever.query), ("doc", m.retriever.doc), ("encoder", m.encoder.bert),
+                             ("mlm head", m.encoder.head.dense)]:
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reaches the {name}"
+    finally:
+        recipe.close()
+
+
+def test_three_steps_refresh_and_resume_reproduce_the_losses(tmp_path):
+    full = recipe_for(tmp_path / "a")
+    full.setup()
+    history = full.train()
+    full.close()
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    # sync refresh every 2 steps: the initial index (step 0) and one refresh at step 2
+    assert history[-1]["index_version"] == "v000002" and history[-1]["refreshes"] == 2
+    assert history[1]["staleness"] == 2 and history[2]["staleness"] == 1
+    manifest = load_index(full.refresher.cfg.index.dir, full.store)[1]
+    assert manifest["embedder_step"] == 2
+
+    # interrupted after 2 steps (the checkpoint at step 2), resumed: the same third loss
+    part = recipe_for(tmp_path / "b")
+    part.setup()
+    part.train(stop_after=2)
+    part.close()
+    resumed = PretrainRecipe(part.cfg)
+    resumed.setup(resume=True)
+    assert resumed.step == 2
+    rest = resumed.train()
+    resumed.close()
+    assert [h["step"] for h in rest] == [3]
+    assert rest[0]["loss"] == pytest.approx(losses[2], rel=1e-5)
+    logged = [json.loads(l)["step"] for l in (part.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
+
+
+def test_loss_goes_down_on_average(tmp_path):
+    recipe = recipe_for(tmp_path, "pretrain.steps=24", "refresh.mode=never", "pretrain.lr=3e-3",
+                        "pretrain.save_every=100")
+    recipe.setup()
+    losses = [h["loss"] for h in recipe.train()]
+    recipe.close()
+    assert np.mean(losses[-8:]) < np.mean(losses[:8])
+
+
+def test_async_refresh_publishes_while_training_goes_on(tmp_path):
+    recipe = recipe_for(tmp_path, "refresh.mode=async", "refresh.every=1", "pretrain.steps=4")
+    recipe.setup()
+    recipe.train()
+    recipe.refresher._wait()  # let the last builder finish so the test leaves no process behind
+    recipe.close()
+    assert recipe.refresher.stats.refreshes_started >= 2
+    assert int(latest_version(recipe.refresher.cfg.index.dir)[1:]) >= 2
+
+
+def test_killed_builder_leaves_the_old_index_loadable(tmp_path):
+    recipe = recipe_for(tmp_path, "refresh.mode=async", "refresh.every=1")
+    recipe.setup()
+    before = latest_version(recipe.refresher.cfg.index.dir)
+    recipe.refresher._launch(recipe.model.retriever.doc, 1)
+    recipe.refresher.builder.kill()  # kill -9, at whatever point it had reached
+    recipe.refresher.builder.wait()
+    recipe.refresher.builder = None
+    index, manifest = load_index(recipe.refresher.cfg.index.dir, recipe.store)
+    assert manifest["version"] == before and len(index) == len(recipe.store)
+    recipe.close()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from realm_lm.train.checkpoint import CheckpointError
+    recipe = recipe_for(tmp_path, "pretrain.steps=2")
+    recipe.setup()
+    recipe.train()
+    recipe.close()
+    ckpt = recipe.run_dir / "checkpoints" / "step_0000002" / "model.safetensors"
+    ckpt.write_bytes(b"garbage")
+    again = PretrainRecipe(recipe.cfg)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        again.setup(resume=True)
