@@ -42,6 +42,18 @@ def random_vectors(n: int, d: int, seed: int, dtype=np.float32, chunk: int = 1_0
     return out
 
 
+def clustered_vectors(n: int, d: int, seed: int, clusters: int = 4096, spread: float = 0.35) -> np.ndarray:
+    """[n, d] from a mixture of Gaussians (unit-norm centres), closer to real embeddings than i.i.d. noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 1_000_000):
+        m = min(1_000_000, n - start)
+        out[start:start + m] = centres[rng.integers(0, clusters, m)] + rng.standard_normal((m, d), dtype=np.float32) * spread / np.sqrt(d)
+    return out
+
+
 def queries_near(x: np.ndarray, count: int, seed: int, noise: float = 1.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(x), count, replace=False)
@@ -100,13 +112,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--big", type=int, default=0, help="also build and query an index of this many vectors")
     parser.add_argument("--name", default="mips")
+    parser.add_argument("--data", choices=["gaussian", "clustered"], default="gaussian")
+    parser.add_argument("--noise", type=float, default=1.0, help="query = a database vector + noise * N(0, 1) per dim")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    figures: dict = {"n": args.n, "dim": args.dim, "queries": args.queries, "threads": args.threads}
+    figures: dict = {"n": args.n, "dim": args.dim, "queries": args.queries, "threads": args.threads,
+                     "data": args.data, "noise": args.noise}
     headers = ["backend", "b1 ms", "b32 ms", "recall@10", "build s", "mem MB"]
 
-    x = random_vectors(args.n, args.dim, seed=0)
-    q = queries_near(x, args.queries, seed=1)
+    x = random_vectors(args.n, args.dim, seed=0) if args.data == "gaussian" else clustered_vectors(args.n, args.dim, seed=0)
+    q = queries_near(x, args.queries, seed=1, noise=args.noise)
     exact = make_index(IndexConfig())
     exact.build(x)
     _, truth = exact.search(q, 10)
@@ -116,10 +131,10 @@ def main() -> None:
     measure("exact-fp16", IndexConfig(dtype="float16"), x, q, truth, args.reps, figures, rows, "1M")
     measure("faiss-flat", IndexConfig(backend="faiss-flat"), x, q, truth, args.reps, figures, rows, "1M")
     measure("faiss-hnsw", IndexConfig(backend="faiss-hnsw"), x, q, truth, args.reps, figures, rows, "1M",
-            sweep=("hnsw_ef_search", [64, 128, 256, 512]))
+            sweep=("hnsw_ef_search", [64, 128, 256, 512, 1024]))
     measure("faiss-ivf-pq", IndexConfig(backend="faiss-ivf-pq"), x, q, truth, args.reps, figures, rows, "1M",
             sweep=("ivf_nprobe", [16, 32, 64, 128]))
-    print(f"\n## {args.n:,} x {args.dim} random vectors, top-10, {args.threads} threads\n")
+    print(f"\n## {args.n:,} x {args.dim} {args.data} vectors (queries: + {args.noise} x noise), top-10, {args.threads} threads\n")
     print(markdown_table(headers, rows))
     exact_b1 = figures["1M.exact.b1_ms"]
     figures["1M.exact_over_faiss_flat.b1"] = round(exact_b1 / figures["1M.faiss-flat.b1_ms"], 3)

@@ -115,7 +115,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from realm_lm.demo import run_demo
-    run_demo(_config(args))
+    cfg = _config(args)
+    pretrain_cfg = load_config(args.pretrain_config) if args.pretrain_config else None
+    run_demo(cfg, pretrain_cfg)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -176,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
     p.set_defaults(func=cmd_plot)
 
-    p = verbs.add_parser("demo", help="the main job on the default data: fetch, corpus, index, evaluation, examples")
+    p = verbs.add_parser("demo", help="the main job on the default data: fetch, corpus, index, evaluation, examples, "
+                                      "then ICT and REALM pre-training")
     _common(p)
+    p.add_argument("--pretrain-config", default="configs/demo_pretrain.toml",
+                   help="preset of the pre-training stage ('' to skip it)")
     p.set_defaults(func=cmd_demo)
     return parser
 

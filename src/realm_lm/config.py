@@ -31,6 +31,7 @@ class CorpusConfig:
     block_len: int = 288  # wordpieces per block, [CLS] title [SEP] body [SEP] included (paper: 288)
     max_title_len: int = 32  # longer titles are cut so the body keeps most of the block
     skip_malformed: bool = False  # False: any malformed input line stops the build before anything is written
+    max_documents: int = 0  # keep only the first N documents (0: all); for small demo corpora
 
 
 @dataclass(frozen=True)

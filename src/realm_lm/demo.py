@@ -20,7 +20,7 @@ def stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def run_demo(cfg: RunConfig) -> dict[str, float]:
+def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None) -> dict[str, float]:
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -60,6 +60,34 @@ def run_demo(cfg: RunConfig) -> dict[str, float]:
             print(f"[{kind}]", end="")
             print_hits(q.question, hits_of(store, scores[0], found[0]))
 
+    if pretrain_cfg is not None:
+        results.update(run_pretraining_stage(pretrain_cfg, timed))
+
     stage("timings (s)")
     print(markdown_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]))
     return results
+
+
+def run_pretraining_stage(cfg: RunConfig, timed) -> dict[str, float]:
+    """ICT warm start, then REALM pre-training with asynchronous index refresh, on a small corpus."""
+    from realm_lm.plot import plot_run
+    from realm_lm.train.ict import main as ict_main
+    from realm_lm.train.pretrain import main as pretrain_main
+
+    stage(f"6. ICT warm start ({cfg.ict.steps} steps) on {cfg.corpus.store}")
+    timed("pretrain.corpus", build_corpus, cfg)
+    ict = timed("ict", ict_main, cfg)
+    print(markdown_table(["ICT pseudo-queries, held-out blocks", "recall@1", "recall@5"],
+                         [[w, f"{ict[f'{w}.ict_recall@1']:.3f}", f"{ict[f'{w}.ict_recall@5']:.3f}"] for w in ("before", "after")]))
+
+    stage(f"7. REALM pre-training ({cfg.pretrain.steps} steps, {cfg.pretrain.masking} masking, "
+          f"index refresh {cfg.refresh.mode} every {cfg.refresh.every} steps)")
+    history = timed("pretrain", pretrain_main, cfg)
+    first, last = history[:5], history[-5:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    print(f"loss {mean(first, 'loss'):.3f} -> {mean(last, 'loss'):.3f} (mean of first / last 5 steps); "
+          f"masked-token accuracy {mean(first, 'mask_acc'):.2f} -> {mean(last, 'mask_acc'):.2f}")
+    print(f"index versions used: {history[-1]['refreshes']} (last {history[-1]['index_version']}); "
+          f"trainer waited {history[-1]['index_wait_s']:.1f}s of {history[-1]['wall_s']:.0f}s for the index")
+    print(f"plot: {plot_run(cfg.pretrain.run_dir)}")
+    return {"pretrain.refreshes": history[-1]["refreshes"], "pretrain.final_loss": mean(last, "loss")}

@@ -105,6 +105,8 @@ def build_corpus(cfg: RunConfig, out: str | Path | None = None) -> Path:
     docs: list[Document] = []
     for path in ccfg.inputs:
         docs.extend(read_documents(path, problems))
+    if ccfg.max_documents:
+        docs = docs[:ccfg.max_documents]
     if problems and not ccfg.skip_malformed:
         raise CorpusInputError(problems)
     if not docs:
@@ -128,29 +130,35 @@ def build_corpus(cfg: RunConfig, out: str | Path | None = None) -> Path:
     tokens = np.full((len(blocks), ccfg.block_len), special.pad, dtype=np.int32)  # [N, L]
     for row, b in enumerate(blocks):
         tokens[row, :len(b.token_ids)] = b.token_ids
-    block_ids = [b.block_id for b in blocks]
-    vocab_sha = sha256_file(model_dir / "vocab.txt")
-    table = pa.table({
-        "block_id": block_ids,
+    columns = {
+        "block_id": [b.block_id for b in blocks],
         "doc_id": [b.doc_id for b in blocks],
         "title": [b.title for b in blocks],
         "text": [b.text for b in blocks],
-        "char_start": pa.array([b.char_start for b in blocks], pa.int32()),
-        "char_end": pa.array([b.char_end for b in blocks], pa.int32()),
-        "n_tokens": pa.array([len(b.token_ids) for b in blocks], pa.int32()),
+        "char_start": [b.char_start for b in blocks],
+        "char_end": [b.char_end for b in blocks],
+        "n_tokens": [len(b.token_ids) for b in blocks],
         "source": [b.source for b in blocks],
-    })
+    }
+    extra = {"n_documents": len(docs), "duplicate_blocks_dropped": duplicates,
+             "skipped_input_problems": [str(p) for p in problems], "config": config_to_dict(cfg)}
+    return write_store(out, columns, tokens, sha256_file(model_dir / "vocab.txt"), extra)
+
+
+def write_store(out: str | Path, columns: dict[str, list], tokens: np.ndarray, vocab_sha: str,
+                extra: dict) -> Path:
+    """Publish a store folder atomically from its columns and token matrix [N, block_len]."""
+    out = Path(out)
+    ints = {"char_start", "char_end", "n_tokens"}
+    table = pa.table({k: pa.array(v, pa.int32()) if k in ints else v for k, v in columns.items()})
     manifest = {
         "format": STORE_FORMAT,
-        "corpus_hash": corpus_hash_of(block_ids, tokens, vocab_sha),
-        "n_blocks": len(blocks),
-        "n_documents": len(docs),
-        "duplicate_blocks_dropped": duplicates,
-        "block_len": ccfg.block_len,
+        "corpus_hash": corpus_hash_of(columns["block_id"], tokens, vocab_sha),
+        "n_blocks": len(tokens),
+        "block_len": int(tokens.shape[1]),
         "vocab_sha256": vocab_sha,
-        "skipped_input_problems": [str(p) for p in problems],
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config_to_dict(cfg),
+        **extra,
     }
     with staged_dir(out) as staging:
         pq.write_table(table, staging / "blocks.parquet")

@@ -46,7 +46,8 @@ class RefreshSchedule:
 
 @dataclass
 class RefreshStats:
-    waited_s: float = 0.0  # trainer time spent waiting for an index (sync mode, or the very first index)
+    waited_s: float = 0.0  # training time spent waiting for an index (sync mode)
+    initial_build_s: float = 0.0  # the first index, built during setup before training starts
     refreshes_started: int = 0
     swaps: int = 0
     failures: int = 0
@@ -83,7 +84,7 @@ class IndexRefresher:
             t0 = time.perf_counter()
             self._launch(doc, step)
             self._wait()
-            self.stats.waited_s += time.perf_counter() - t0
+            self.stats.initial_build_s += time.perf_counter() - t0
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
         self.schedule.last_started = step if built_at is None else int(built_at)

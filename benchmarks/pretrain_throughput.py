@@ -1,0 +1,163 @@
+"""REALM pre-training step throughput: ours vs Hugging Face's REALM (bench_hf_realm.py --parts c), one run.
+
+    .venv/bin/python benchmarks/pretrain_throughput.py [--steps 5] [--hf-python PATH]
+
+Same work as the reference's part c: hidden 256, 4 layers, 4 heads, FFN 1024, vocab 30522, random weights,
+B = 4 queries of 128 tokens with 15 % of their tokens masked (about 19 masks), k = 8 candidates, 288-token
+blocks (joint input 415 tokens), AdamW, 2 threads, index of 2048 random blocks. Ours runs the real training
+step of `realm pretrain` (PretrainRecipe.forward + backward + AdamW): 7 retrieved blocks + the null block,
+all re-embedded with the current weights (REALM's gradient into the document tower), MLM head at masked
+positions only. The reference runs first without, then with --reembed-docs. Median step time; peak RSS
+(VmHWM) of each process. Writes benchmarks/results/pretrain_throughput.json.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel
+
+from realm_lm.config import load_config
+from realm_lm.corpus.store import CorpusStore, write_store
+from realm_lm.index.backends import make_index
+from realm_lm.index.build import embed_rows
+from realm_lm.masking import mask_query
+from realm_lm.models.embedder import Embedder, Retriever
+from realm_lm.models.knowledge_encoder import KnowledgeEncoder
+from realm_lm.report import markdown_table, write_results
+from realm_lm.train.data import collate_queries
+from realm_lm.train.pretrain import PretrainRecipe, RealmModel, linear_schedule
+
+HF_BENCH = Path("../shared/bench/hf_realm")
+HF_PYTHON = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf-realm-bench/venv/bin/python"
+H, N_LAYERS, HEADS, FFN, V, P = 256, 4, 4, 1024, 30522, 128
+QUERY_LEN, DOC_LEN, K, B = 128, 288, 8, 4
+
+
+def f_enc(L: float) -> float:
+    return N_LAYERS * (L * 2 * (4 * H * H + 2 * H * FFN) + 4 * L * L * H)
+
+
+def useful_flops(masks: float, joint: float) -> float:
+    """3 x forward of: query embedding, k joint encodings, MLM head at the masks, k re-embedded blocks (+ MIPS)."""
+    emb = lambda L: f_enc(L) + 2 * H * H + 2 * H * P  # noqa: E731
+    head = K * masks * (2 * H * H + 2 * H * V)
+    return 3 * (emb(QUERY_LEN) + K * f_enc(joint) + head + K * emb(DOC_LEN)) + 2 * 2048 * P
+
+
+def random_bert() -> BertModel:
+    return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                                intermediate_size=FFN, max_position_embeddings=512, attn_implementation="sdpa"),
+                     add_pooling_layer=False)
+
+
+def reference(hf_python: str, steps: int, reembed: bool) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "c", "--num-docs", "2048", "--steps",
+               str(steps), "--threads", "2", "--quiet", "--out", out.name] + (["--reembed-docs"] if reembed else [])
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(Path(out.name).read_text())["train"]
+
+
+def ours(steps: int, warmup: int, workdir: Path) -> dict:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cfg = load_config(None, [f"pretrain.top_k={K}", f"pretrain.query_len={QUERY_LEN}", "pretrain.max_masks=20",
+                             "pretrain.masking=random-uniform", "pretrain.lr=1e-4", "encoder.max_joint_len=512",
+                             f"corpus.block_len={DOC_LEN}"])
+    # a store of 2048 random 288-token blocks ([CLS] w [SEP] body [SEP], one-token titles)
+    n = 2048
+    tokens = rng.integers(5, V, size=(n, DOC_LEN), dtype=np.int32)
+    tokens[:, 0], tokens[:, 2], tokens[:, -1] = 101, 102, 102
+    ids = [f"b{i}" for i in range(n)]
+    store_dir = write_store(workdir / "store", {"block_id": ids, "doc_id": ids, "title": ids, "text": [""] * n,
+                                                "char_start": [0] * n, "char_end": [0] * n,
+                                                "n_tokens": [DOC_LEN] * n, "source": [""] * n},
+                            tokens, "synthetic", {})
+    recipe = PretrainRecipe(cfg)
+    recipe.store = CorpusStore(store_dir)
+    recipe.special = types.SimpleNamespace(pad=0, unk=100, cls=101, sep=102, mask=103)
+    tower = Embedder(random_bert(), "cls-proj", P)
+    recipe.model = RealmModel(Retriever(tower, tower), KnowledgeEncoder(random_bert()))
+    recipe.opt = torch.optim.AdamW(recipe.model.parameters(), lr=1e-4)
+    recipe.sched = linear_schedule(recipe.opt, 0, 1000)
+    index = make_index(cfg.index)
+    index.build(embed_rows(tower, recipe.store.tokens, recipe.store.lengths, 4096, progress=False))
+    recipe.refresher = types.SimpleNamespace(index=index)  # a fixed index: this measures the trainer's step
+
+    def batch():
+        queries = [mask_query(rng.integers(5, V, size=QUERY_LEN - 2), recipe.special, "random-uniform", rng,
+                              np.zeros((0, 2), int), QUERY_LEN, 20) for _ in range(B)]
+        return collate_queries(queries, rng.integers(0, n, size=B), recipe.special)
+
+    times, losses, masks = [], [], []
+    for step in range(warmup + steps):
+        b = batch()
+        t0 = time.perf_counter()
+        out = recipe.forward(b)
+        recipe.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        recipe.opt.step()
+        dt = time.perf_counter() - t0
+        if step >= warmup:
+            times.append(dt)
+            losses.append(float(out["loss"].detach()))
+            masks.append(float(out["masks"]) / B)
+    median = float(np.median(times))
+    return {"median_step_s": median, "examples_per_s": B / median, "loss_first": losses[0], "loss_last": losses[-1],
+            "masks_per_query": float(np.mean(masks)),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--hf-python", default=str(HF_PYTHON))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([str(args.hf_python), str(HF_BENCH / "cpu_peak.py"), "--threads", "2", "--out", out.name],
+                       check=True, stdout=subprocess.DEVNULL)
+        peak = json.loads(Path(out.name).read_text())["peak_median_gflops_by_threads"]["2"]
+    ref = reference(args.hf_python, args.steps, reembed=False)
+    ref_re = reference(args.hf_python, args.steps, reembed=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mine = ours(args.steps, args.warmup, Path(tmp))
+    joint = QUERY_LEN + DOC_LEN - 1
+    useful = useful_flops(mine["masks_per_query"], joint) / 1e9
+    rows = [
+        ["HF REALM (parts c)", f"{ref['examples_per_s']:.3f}", f"{ref['median_step_s']:.2f}", f"{ref['peak_rss_mb']:.0f}",
+         f"{ref['gflop_per_example_useful'] * ref['examples_per_s'] / peak:.1%}", "1.00"],
+        ["HF REALM --reembed-docs", f"{ref_re['examples_per_s']:.3f}", f"{ref_re['median_step_s']:.2f}",
+         f"{ref_re['peak_rss_mb']:.0f}", f"{ref_re['gflop_per_example_useful'] * ref_re['examples_per_s'] / peak:.1%}",
+         f"{ref_re['examples_per_s'] / ref['examples_per_s']:.2f}"],
+        ["ours (re-embeds all 8 candidates)", f"{mine['examples_per_s']:.3f}", f"{mine['median_step_s']:.2f}",
+         f"{mine['peak_rss_mb']:.0f}", f"{useful * mine['examples_per_s'] / peak:.1%}",
+         f"{mine['examples_per_s'] / ref['examples_per_s']:.2f}"],
+    ]
+    print(markdown_table(["run", "examples/s", "step s (median)", "peak RSS MB", "MFU (useful)", "vs HF"], rows))
+    figures = {"peak_gflops": round(peak, 1), "steps": args.steps,
+               "reference.examples_per_s": round(ref["examples_per_s"], 4),
+               "reference_reembed.examples_per_s": round(ref_re["examples_per_s"], 4),
+               "reference.peak_rss_mb": round(ref["peak_rss_mb"]), "reference_reembed.peak_rss_mb": round(ref_re["peak_rss_mb"]),
+               "ours.examples_per_s": round(mine["examples_per_s"], 4), "ours.median_step_s": round(mine["median_step_s"], 3),
+               "ours.peak_rss_mb": round(mine["peak_rss_mb"]), "ours.masks_per_query": round(mine["masks_per_query"], 2),
+               "ours.gflop_per_example_useful": round(useful, 1),
+               "ours.mfu_useful": round(useful * mine["examples_per_s"] / peak, 4),
+               "ratio_vs_reference": round(mine["examples_per_s"] / ref["examples_per_s"], 3),
+               "ratio_vs_reference_reembed": round(mine["examples_per_s"] / ref_re["examples_per_s"], 3),
+               "ours.loss_first": round(mine["loss_first"], 3), "ours.loss_last": round(mine["loss_last"], 3)}
+    print(f"\nwrote {write_results('pretrain_throughput', figures)}")
+
+
+if __name__ == "__main__":
+    main()
