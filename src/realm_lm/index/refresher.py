@@ -55,13 +55,14 @@ class RefreshStats:
 
 
 class IndexRefresher:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore, launches: bool = True):
         if cfg.refresh.mode not in REFRESH_MODES:
             raise ValueError(f"refresh.mode must be one of {REFRESH_MODES}, not {cfg.refresh.mode!r}")
         self.run_dir = Path(run_dir)
         self.cfg = replace(cfg, index=replace(cfg.index, dir=str(self.run_dir / "index")))
         self.store = store
-        self.schedule = RefreshSchedule(cfg.refresh.every, cfg.refresh.mode)
+        # with several ranks only one launches builders; the others just swap in what it publishes
+        self.schedule = RefreshSchedule(cfg.refresh.every, cfg.refresh.mode if launches else "never")
         self.stats = RefreshStats()
         self.builder: subprocess.Popen | None = None
         self.builder_started = 0.0

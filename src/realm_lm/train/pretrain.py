@@ -24,6 +24,7 @@ from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, s
 from realm_lm.models.embedder import Retriever, build_retriever, load_bert
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.train import distributed
 from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
                                  pad_rows)
@@ -64,6 +65,7 @@ class PretrainRecipe:
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
         cfg, p = self.cfg, self.cfg.pretrain
+        distributed.init()
         self.store = CorpusStore(cfg.corpus.store)
         self.model_dir = resolve_model_dir(cfg.embedder.model)
         self.special = SpecialIds(load_tokenizer(self.model_dir))
@@ -93,13 +95,18 @@ class PretrainRecipe:
         self.sched = linear_schedule(self.opt, warmup_steps(cfg), p.steps)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
+        if distributed.is_main():
+            write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self.resume(ckpt)
-        elif not resume and (self.run_dir / "metrics.jsonl").exists():
+        elif not resume and distributed.is_main() and (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()
-        self.refresher = IndexRefresher(cfg, self.run_dir, self.store)
-        self.refresher.start(self.model.retriever.doc, self.step)
+        self.refresher = IndexRefresher(cfg, self.run_dir, self.store, launches=distributed.is_main())
+        if distributed.is_main():
+            self.refresher.start(self.model.retriever.doc, self.step)
+        distributed.barrier()  # the first index exists before any rank trains
+        if not distributed.is_main():
+            self.refresher.start(self.model.retriever.doc, self.step)
 
     def resume(self, ckpt: Path) -> None:
         state = load_checkpoint(ckpt, self.model, self.opt)
@@ -107,7 +114,7 @@ class PretrainRecipe:
         self.sched = linear_schedule(self.opt, warmup_steps(self.cfg), self.cfg.pretrain.steps, done=self.step)
         set_rng_state(state["rng"])
         log = self.run_dir / "metrics.jsonl"
-        if log.exists():  # the steps after the checkpoint are redone, so their lines go
+        if log.exists() and distributed.is_main():  # the steps after the checkpoint are redone, so their lines go
             kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
             tmp = log.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(l + "\n" for l in kept))
@@ -167,14 +174,16 @@ class PretrainRecipe:
 
     def train_step(self) -> dict[str, Any]:
         p = self.cfg.pretrain
-        rng = np.random.default_rng([p.seed, self.step])  # the batch is a function of (seed, step): resume-exact
-        torch.manual_seed(p.seed * 1_000_003 + self.step)  # dropout too
+        # the batch is a function of (seed, step, rank): resume-exact, and different on every rank
+        rng = np.random.default_rng([p.seed, self.step, distributed.rank()])
+        torch.manual_seed(p.seed * 1_000_003 + self.step * 1_009 + distributed.rank())  # dropout too
         batch = self.make_batch(rng.choice(self.train_sentences, size=p.batch_size, replace=False), rng)
         self.model.train()
         t0 = time.perf_counter()
         out = self.forward(batch)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        distributed.average_gradients(self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
@@ -186,13 +195,15 @@ class PretrainRecipe:
         p = self.cfg.pretrain
         history = []
         t_start = time.perf_counter()
-        log = open(self.run_dir / "metrics.jsonl", "a")
+        main_rank = distributed.is_main()
+        log = open(self.run_dir / "metrics.jsonl", "a") if main_rank else None
         end = p.steps if stop_after is None else min(p.steps, self.step + stop_after)
         try:
-            with tqdm(total=p.steps, initial=self.step, desc="pre-training", unit="step") as bar:
+            with tqdm(total=p.steps, initial=self.step, desc="pre-training", unit="step", disable=not main_rank) as bar:
                 while self.step < end:
                     swapped = self.refresher.maybe_swap(self.step, self.model.retriever.doc)
                     metrics = self.train_step()
+                    metrics["loss"] = distributed.mean_scalar(metrics["loss"])
                     self.step += 1
                     stats = self.refresher.stats
                     metrics |= {"step": self.step, "index_version": self.refresher.version,
@@ -200,15 +211,17 @@ class PretrainRecipe:
                                 "refreshes": stats.swaps, "index_wait_s": round(stats.waited_s, 3),
                                 "wall_s": round(time.perf_counter() - t_start, 2)}
                     history.append(metrics)
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
+                    if log is not None:
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mask_acc']:.2f}",
                                     index=self.refresher.version, stale=metrics["staleness"])
                     bar.update(1)
-                    if self.step % p.save_every == 0 or self.step == p.steps:
+                    if (self.step % p.save_every == 0 or self.step == p.steps) and main_rank:
                         self.save()
         finally:
-            log.close()
+            if log is not None:
+                log.close()
         return history
 
     def save(self) -> Path:
