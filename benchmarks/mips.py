@@ -99,6 +99,8 @@ def measure(name: str, cfg: IndexConfig, x: np.ndarray, q: np.ndarray, truth: np
                         f"{key}.index_mb": round(mem, 1)})
         rows.append([label, f"{b1:.2f}", f"{b32:.2f}", f"{rec:.3f}", f"{build_s:.1f}", f"{mem:.0f}"])
         print(rows[-1], flush=True)
+        figures["peak_rss_mb"] = round(peak_rss_mb(), 0)
+        write_results(figures["name"], figures)  # after every measurement: a long run that is stopped keeps its figures
     del index
     gc.collect()
 
@@ -116,7 +118,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=1.0, help="query = a database vector + noise * N(0, 1) per dim")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    figures: dict = {"n": args.n, "dim": args.dim, "queries": args.queries, "threads": args.threads,
+    figures: dict = {"name": args.name, "n": args.n, "dim": args.dim, "queries": args.queries, "threads": args.threads,
                      "data": args.data, "noise": args.noise}
     headers = ["backend", "b1 ms", "b32 ms", "recall@10", "build s", "mem MB"]
 
@@ -153,7 +155,7 @@ def main() -> None:
         _, truth_b = exact.search(qb, 10)
         del exact
         gc.collect()
-        measure("faiss-ivf-pq", IndexConfig(backend="faiss-ivf-pq", ivf_nlist=16384, ivf_nprobe=128),
+        measure("faiss-ivf-pq", IndexConfig(backend="faiss-ivf-pq", ivf_nlist=4096, ivf_nprobe=64),
                 xb, qb, truth_b, 5, figures, big_rows, "big")
         figures["big.peak_rss_mb"] = round(peak_rss_mb(), 0)
         print(f"\n## {args.big:,} x {args.dim} (REALM's Wikipedia index size); peak RSS {peak_rss_mb():.0f} MB\n")

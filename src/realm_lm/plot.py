@@ -41,7 +41,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     window = max(1, len(rows) // 25)
     for ax, (key, title) in zip(axes[:, 0], panels):
         values = [float(r[key]) for r in rows]
-        ax.plot(steps, values, color="0.8", lw=0.8)
+        ax.plot(steps, values, color="C0" if key == "staleness" else "0.8", lw=0.8)
         if key != "staleness":
             ax.plot(steps, smooth(values, window), color="C0", lw=1.5, label=f"mean of {window}")
             ax.legend(loc="best", fontsize=8)

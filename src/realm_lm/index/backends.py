@@ -15,6 +15,7 @@ import torch
 
 from realm_lm.config import IndexConfig
 
+FP16_PIECE_ROWS = 8192  # 8192 x 128 fp32 = 4 MiB: converted rows stay in cache for the matmul
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf-pq")
 
 
@@ -51,9 +52,12 @@ class ExactIndex:
         best_ids = torch.empty(q.shape[0], 0, dtype=torch.int64)
         for start in range(0, n, self.chunk_rows):
             chunk = self.emb[start:start + self.chunk_rows]  # [C, D]
-            if chunk.dtype != torch.float32:
-                chunk = chunk.float()  # fp16 storage halves memory; CPU matmuls run in fp32
-            scores = q @ chunk.T  # [Q, C]
+            if chunk.dtype == torch.float32:
+                scores = q @ chunk.T  # [Q, C]
+            else:  # fp16 storage halves memory; CPU matmuls run in fp32, converted a cache-sized piece at a time
+                scores = torch.empty(q.shape[0], chunk.shape[0])  # [Q, C]
+                for s in range(0, chunk.shape[0], FP16_PIECE_ROWS):
+                    scores[:, s:s + FP16_PIECE_ROWS] = q @ chunk[s:s + FP16_PIECE_ROWS].float().T
             top_s, top_i = scores.topk(min(k, chunk.shape[0]), dim=1)  # [Q, k']
             best_scores = torch.cat([best_scores, top_s], dim=1)
             best_ids = torch.cat([best_ids, top_i + start], dim=1)
