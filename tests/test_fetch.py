@@ -21,3 +21,14 @@ def test_local_copy_with_wrong_checksum_is_not_placed(tmp_path, monkeypatch):
     with pytest.raises(FetchError, match="checksum mismatch"):
         fetch_data(tmp_path / "data")
     assert not list((tmp_path / "data").iterdir())
+
+
+def test_local_copy_is_checked_and_placed(tmp_path, monkeypatch):
+    from pathlib import Path
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not shared.is_dir():
+        pytest.skip("../shared/data is not beside the project")
+    monkeypatch.setenv("REALM_SHARED_DATA", str(shared))
+    placed = fetch_data(tmp_path / "data")
+    assert [p.name for p in placed] == [spec.name for spec in DATA_FILES]
+    assert not list((tmp_path / "data").glob(".*part"))

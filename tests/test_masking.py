@@ -57,3 +57,16 @@ def test_salient_spans_are_found_once_and_cached(tiny_cfg):
     table = build_sentence_table(store, resolve_model_dir(tiny_cfg.embedder.model), min_tokens=1)
     spans = spans_per_sentence(table, rows, chars, max_masks=10)
     assert spans.start[-1] > 0
+
+
+def test_missing_ner_model_is_a_clear_error(monkeypatch):
+    import spacy
+
+    from realm_lm.masking import NerUnavailableError, tagger_version
+
+    def no_model(*_args, **_kwargs):
+        raise OSError("[E050] Can't find model")
+
+    monkeypatch.setattr(spacy, "load", no_model)
+    with pytest.raises(NerUnavailableError, match="pretrain.masking=random-span"):
+        tagger_version()

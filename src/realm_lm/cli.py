@@ -46,9 +46,11 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
 def cmd_index_build(args: argparse.Namespace) -> None:
     from realm_lm.index.build import build_index
     from realm_lm.index.versioned import read_manifest
-    from realm_lm.retrieval import minilm_mean_config
+    from realm_lm.retrieval import minilm_mean_config, trained_config
     cfg = _config(args)
-    if args.retriever == "minilm-mean":
+    if args.from_run:
+        cfg = trained_config(cfg, args.from_run)
+    elif args.retriever == "minilm-mean":
         cfg = minilm_mean_config(cfg)
     version = build_index(cfg)
     m = read_manifest(cfg.index.dir, version)
@@ -66,8 +68,10 @@ def print_hits(question: str, hits: list, width: int = 100) -> None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
-    from realm_lm.retrieval import hits_of, make_searcher
+    from realm_lm.retrieval import hits_of, make_searcher, trained_config
     cfg = _config(args)
+    if args.from_run:
+        cfg = trained_config(cfg, args.from_run)
     searcher = make_searcher(cfg, args.retriever)
     scores, rows = searcher.search([args.question], args.k)
     print_hits(args.question, hits_of(searcher.store, scores[0], rows[0]))
@@ -126,6 +130,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override one config value, e.g. --set index.backend=faiss-hnsw (repeatable)")
 
 
+def _from(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                   help="use the retriever of a training run (ICT or pre-training); its index of this corpus "
+                        "lives in RUN_DIR/eval-index-<corpus hash> and is built on first use")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm", description="REALM: retrieval-augmented language model pre-training")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -145,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = index.add_parser("build", help="embed every block and publish a new index version")
     _common(p)
     p.add_argument("--retriever", choices=["realm", "minilm-mean"], default="realm")
+    _from(p)
     p.set_defaults(func=cmd_index_build)
 
     p = verbs.add_parser("retrieve", help="print the top-k blocks for a question")
@@ -152,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
+    _from(p)
     p.set_defaults(func=cmd_retrieve)
 
     ev = verbs.add_parser("eval", help="evaluation").add_subparsers(dest="action", required=True)
@@ -160,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     p.add_argument("--json", help="also write the figures as flat JSON to this file")
-    p.add_argument("--from", dest="from_run", help="a training run folder: use its retriever (and index it under RUN/eval-index)")
+    _from(p)
     p.set_defaults(func=cmd_eval_retrieval)
 
     p = verbs.add_parser("ict", help="Inverse Cloze Task warm start of the retriever")

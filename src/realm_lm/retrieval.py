@@ -121,9 +121,11 @@ def minilm_mean_config(cfg: RunConfig) -> RunConfig:
 
 
 def trained_config(cfg: RunConfig, run_dir: str | Path) -> RunConfig:
-    """Retrieve with the towers of a training run, from an index of the full corpus kept in RUN_DIR/eval-index."""
+    """Retrieve with the towers of a training run, from its own index of ``cfg.corpus.store``, kept in
+    RUN_DIR/eval-index-<corpus hash> (one per corpus: swapping corpora needs a re-embedding, not retraining)."""
+    corpus_hash = CorpusStore(cfg.corpus.store).corpus_hash
     return replace(cfg, embedder=replace(cfg.embedder, checkpoint=str(run_dir)),
-                   index=replace(cfg.index, dir=str(Path(run_dir) / "eval-index")))
+                   index=replace(cfg.index, dir=str(Path(run_dir) / f"eval-index-{corpus_hash[:12]}")))
 
 
 def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -> Searcher:
