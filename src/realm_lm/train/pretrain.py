@@ -91,7 +91,12 @@ class PretrainRecipe:
             if ckpt is None:
                 raise FileNotFoundError(f"pretrain.init_from: no checkpoint in {p.init_from}")
             load_checkpoint(ckpt, self.model, strict=False)  # an ICT run carries the retriever only
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        head = self.model.encoder.head
+        new_params = [*head.dense.parameters(), *head.norm.parameters(), head.bias]  # not the tied decoder
+        new_ids = {id(t) for t in new_params}
+        pretrained = [t for t in self.model.parameters() if id(t) not in new_ids]
+        self.opt = torch.optim.AdamW([{"params": pretrained}, {"params": new_params, "lr": p.lr * p.head_lr_scale}],
+                                     lr=p.lr, weight_decay=p.weight_decay)
         self.sched = linear_schedule(self.opt, warmup_steps(cfg), p.steps)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
