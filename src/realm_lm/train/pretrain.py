@@ -214,6 +214,7 @@ class PretrainRecipe:
                     metrics |= {"step": self.step, "index_version": self.refresher.version,
                                 "staleness": self.refresher.staleness(self.step), "swapped": swapped,
                                 "refreshes": stats.swaps, "index_wait_s": round(stats.waited_s, 3),
+                                "last_refresh_s": round(stats.durations_s[-1], 2) if stats.durations_s else None,
                                 "wall_s": round(time.perf_counter() - t_start, 2)}
                     history.append(metrics)
                     if log is not None:
