@@ -146,12 +146,14 @@ def main() -> None:
         share = stats["index_wait_s"] / stats["train_wall_s"]
         figures.update({f"wait.{mode}.{k}": v for k, v in stats.items() if v is not None})
         figures[f"wait.{mode}.share"] = round(share, 4)
+        figures[f"wait.{mode}.s_per_step"] = round(stats["train_wall_s"] / steps, 3)
         wait_rows.append([mode, steps, stats["refreshes_started"], stats["index_versions"], stats["refresh_s_median"],
-                          stats["index_wait_s"], stats["train_wall_s"], f"{share:.1%}"])
+                          stats["index_wait_s"], stats["train_wall_s"], f"{stats['train_wall_s'] / steps:.2f}",
+                          f"{share:.1%}"])
 
     print("\n" + markdown_table(["variant", "dev R@5", "dev R@20", "held-out mask acc", "RU(top)", "train s", "notes"], rows))
     print("\n" + markdown_table(["refresh", "steps", "refreshes started", "index versions used", "refresh s (median)",
-                                 "trainer waited s", "training wall s", "waiting share"], wait_rows))
+                                 "trainer waited s", "training wall s", "s / step", "waiting share"], wait_rows))
     print(f"\nwrote {write_results('pretrain_quality', figures)}")
 
 
