@@ -114,7 +114,7 @@ def main() -> None:
         mcfg = minilm.bert.config
         ours_minilm = timed_embed(minilm, store.tokens, lengths, args.batch_tokens, "real corpus, MiniLM")
         flop_m = float(f_emb(lengths, mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_hidden_layers, P).mean())
-        rows.append([f"ours, real corpus, all-MiniLM-L6-v2 (384 x 6)", f"{ours_minilm:.1f}", "",
+        rows.append(["ours, real corpus, all-MiniLM-L6-v2 (384 x 6)", f"{ours_minilm:.1f}", "",
                      f"{ours_minilm * flop_m / 1e9:.1f}", f"{ours_minilm * flop_m / 1e9 / peak_gflops:.1%}"])
         figures.update({"real_minilm.blocks_per_s": round(ours_minilm, 2),
                         "real_minilm.mfu": round(ours_minilm * flop_m / 1e9 / peak_gflops, 4),

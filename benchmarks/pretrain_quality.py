@@ -13,7 +13,6 @@ Writes benchmarks/results/pretrain_quality.json.
 """
 
 import argparse
-import json
 import shutil
 import time
 from dataclasses import replace

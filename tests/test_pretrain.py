@@ -1,7 +1,6 @@
 """REALM pre-training on the tiny corpus: null block, trivial-retrieval exclusion, gradients, refresh, resume."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 from realm_lm.config import ConfigError, RunConfig, load_config
-from realm_lm.report import markdown_table
+from realm_lm.report import markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
 
@@ -57,14 +56,6 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     print(f"index {cfg.index.dir} version {version}: {m['n_rows']} x {m['dim']} ({m['backend']}), "
           f"embedded in {m['embed_seconds']:.1f}s{' (embeddings reused: same corpus and weights)' if m['embeddings_reused'] else ''}, "
           f"built in {m['index_build_seconds']:.1f}s")
-
-
-def print_hits(question: str, hits: list, width: int = 100) -> None:
-    print(f"\nQ: {question}")
-    for h in hits:
-        snippet = textwrap.shorten(h.text, width=240, placeholder=" ...")
-        print(f"  {h.rank:>2}. {h.score:8.3f}  {h.block_id}  [{h.title}]")
-        print(textwrap.indent(textwrap.fill(snippet, width=width), " " * 8))
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from realm_lm.corpus.open_squad import load_questions
 from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.eval.retrieval import compare_retrievers, recall_table_headers
 from realm_lm.index.build import build_index
-from realm_lm.report import markdown_table
+from realm_lm.report import markdown_table, print_hits
 from realm_lm.retrieval import hits_of, make_searcher, minilm_mean_config
 
 EXAMPLE_QUESTIONS = 3
@@ -52,7 +52,6 @@ def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None) -> dict[str,
     print("REALM's retriever is untrained here ([CLS] + a random projection): pre-training is what makes it useful.")
 
     stage("5. example questions (test split), top 3 blocks from each retriever")
-    from realm_lm.cli import print_hits
     for q in load_questions(cfg.eval.squad, "test")[:: 997][:EXAMPLE_QUESTIONS]:
         print(f"\n--- gold answers: {' | '.join(q.answers)}")
         for kind in ("bm25", "realm"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,3 +27,11 @@ def write_results(name: str, figures: dict[str, Any], folder: str | Path = "benc
                "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads()}
     path.write_text(json.dumps(figures, indent=2, sort_keys=True))
     return path
+
+
+def print_hits(question: str, hits: list, width: int = 100) -> None:
+    print(f"\nQ: {question}")
+    for h in hits:
+        snippet = textwrap.shorten(h.text, width=240, placeholder=" ...")
+        print(f"  {h.rank:>2}. {h.score:8.3f}  {h.block_id}  [{h.title}]")
+        print(textwrap.indent(textwrap.fill(snippet, width=width), " " * 8))

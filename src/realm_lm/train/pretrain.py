@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +119,9 @@ class PretrainRecipe:
         set_rng_state(state["rng"])
         log = self.run_dir / "metrics.jsonl"
         if log.exists() and distributed.is_main():  # the steps after the checkpoint are redone, so their lines go
-            kept = [l for l in log.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= self.step]
+            kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
             tmp = log.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(l + "\n" for l in kept))
+            tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(log)
         print(f"resumed from {ckpt} at step {self.step}")
 
