@@ -43,3 +43,32 @@ def in_batch_nll(query_emb: torch.Tensor, block_emb: torch.Tensor) -> torch.Tens
     """
     logits = query_emb @ block_emb.T  # [B, B]
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def reader_marginal_nll(span_logits: torch.Tensor, retrieval_logits: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """ORQA's reader loss: -log of the total probability of every (block, span) pair that matches a gold answer.
+
+    span_logits: [B, K, S] (-inf for spans that are not allowed); retrieval_logits: [B, K] added to every span
+    of their block; gold: [B, K, S] bool. Questions whose candidates match no answer are left out (zero loss
+    when no question has one).
+    """
+    joint = span_logits + retrieval_logits[:, :, None]  # [B, K, S]
+    log_total = torch.logsumexp(joint.flatten(1), dim=-1)  # [B]
+    log_gold = torch.logsumexp(joint.masked_fill(~gold, float("-inf")).flatten(1), dim=-1)  # [B]
+    has = gold.flatten(1).any(-1)  # [B]
+    if not has.any():
+        return joint.new_zeros(()) * 0.0
+    return (log_total - log_gold)[has].mean()
+
+
+def retriever_marginal_nll(retrieval_logits: torch.Tensor, has_answer: torch.Tensor) -> torch.Tensor:
+    """-log sum over retrieved blocks that contain an answer of p(z|x); questions with none are left out.
+
+    retrieval_logits: [B, K]; has_answer: [B, K] bool.
+    """
+    log_pz = retrieval_logits.log_softmax(-1)  # [B, K]
+    log_good = torch.logsumexp(log_pz.masked_fill(~has_answer, float("-inf")), dim=-1)  # [B]
+    has = has_answer.any(-1)
+    if not has.any():
+        return retrieval_logits.new_zeros(()) * 0.0
+    return -log_good[has].mean()

@@ -35,3 +35,26 @@ def recall_at_k(hit_rows: Sequence[Sequence[int]], answers: Sequence[Sequence[st
         rank = next((r for r, row in enumerate(rows) if row >= 0 and has_answer(texts[row], golds)), float("inf"))
         first_hit.append(rank)
     return {k: sum(r < k for r in first_hit) / len(first_hit) for k in ks}
+
+
+def exact_match(prediction: str, answers: Sequence[str], regex: bool = False) -> bool:
+    """SQuAD exact match after normalisation; with ``regex`` the answers are patterns (CuratedTrec), matched
+    case-insensitively against the whole stripped prediction."""
+    if regex:
+        return any(re.fullmatch(pattern, prediction.strip(), flags=re.IGNORECASE) for pattern in answers)
+    pred = normalize_answer(prediction)
+    return any(pred == normalize_answer(a) for a in answers)
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """Best token-overlap F1 against any gold answer (SQuAD's definition)."""
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        common = sum(min(pred.count(t), gold.count(t)) for t in set(pred))
+        if common == 0:
+            continue
+        precision, recall = common / len(pred), common / len(gold)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best

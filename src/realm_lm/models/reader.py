@@ -1,0 +1,54 @@
+"""ORQA/REALM's extractive reader: BERT over ``[CLS] question [SEP] block [SEP]``, every span of at most
+``max_width`` wordpieces inside the block scored by w . LayerNorm(ReLU(W_s h_start + W_e h_end)).
+
+The retrieval score of the block is added by the caller (the loss marginalises over (block, span) pairs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import BertModel
+
+
+@dataclass
+class SpanScores:
+    logits: torch.Tensor  # [N, S] score of every enumerated span (-inf where not allowed)
+    starts: torch.Tensor  # [S] start position of span s
+    ends: torch.Tensor  # [S] end position (inclusive)
+    allowed: torch.Tensor  # [N, S] bool: inside the block, within the width limit
+
+
+def enumerate_spans(length: int, max_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (start, end) with end - start < max_width and end < length: two [S] tensors."""
+    starts = torch.arange(length).repeat_interleave(max_width)  # [L*W]
+    ends = starts + torch.arange(max_width).repeat(length)  # [L*W]
+    keep = ends < length
+    return starts[keep], ends[keep]
+
+
+class Reader(nn.Module):
+    def __init__(self, bert: BertModel, span_hidden: int = 256, max_width: int = 10):
+        super().__init__()
+        hidden = bert.config.hidden_size
+        self.bert = bert
+        self.max_width = max_width
+        self.start_proj = nn.Linear(hidden, span_hidden)
+        self.end_proj = nn.Linear(hidden, span_hidden, bias=False)
+        self.norm = nn.LayerNorm(span_hidden)
+        self.score = nn.Linear(span_hidden, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                block_mask: torch.Tensor) -> SpanScores:
+        """input_ids, attention_mask, token_type_ids: [N, L]; block_mask: [N, L] True on the block's wordpieces."""
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                      token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
+        starts, ends = enumerate_spans(h.shape[1], self.max_width)  # [S], [S]
+        hs = self.start_proj(h)[:, starts]  # [N, S, Hs]
+        he = self.end_proj(h)[:, ends]  # [N, S, Hs]
+        logits = self.score(self.norm(torch.relu(hs + he))).squeeze(-1)  # [N, S]
+        # a span is allowed when both ends lie in the block; blocks are contiguous, so nothing between leaves it
+        allowed = block_mask[:, starts] & block_mask[:, ends]  # [N, S]
+        return SpanScores(logits.masked_fill(~allowed, float("-inf")), starts, ends, allowed)
