@@ -119,9 +119,10 @@ class IndexRefresher:
         cfg_path = self.run_dir / "refresh" / "config.json"
         cfg_path.write_text(json.dumps(config_to_dict(self.cfg)))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cfg.refresh.threads)}
-        self.builder = subprocess.Popen(
-            [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step)],
-            stdout=open(self.run_dir / "refresh" / "builder.log", "a"), stderr=subprocess.STDOUT, env=env)
+        with open(self.run_dir / "refresh" / "builder.log", "a") as log:  # the child keeps its own copy of the fd
+            self.builder = subprocess.Popen(
+                [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         self.builder_started = time.perf_counter()
         self.schedule.last_started = step
         self.stats.refreshes_started += 1

@@ -34,11 +34,15 @@ def block_rows(store: CorpusStore, rows: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(store.tokens[r, :store.lengths[r]]) for r in rows]
 
 
-def body_of(store: CorpusStore, row: int, sep: int) -> np.ndarray:
-    """The body wordpieces of a stored block (between the title's [SEP] and the final [SEP])."""
+def title_and_body(store: CorpusStore, row: int, sep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The title and body wordpieces of a stored ``[CLS] title [SEP] body [SEP]`` block."""
     tokens = np.asarray(store.tokens[row, :store.lengths[row]])
     first_sep = int(np.argmax(tokens == sep))
-    return tokens[first_sep + 1:-1]
+    return tokens[1:first_sep], tokens[first_sep + 1:-1]
+
+
+def body_of(store: CorpusStore, row: int, sep: int) -> np.ndarray:
+    return title_and_body(store, row, sep)[1]
 
 
 @dataclass

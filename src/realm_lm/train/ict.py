@@ -24,7 +24,7 @@ from realm_lm.masking import build_sentence_table
 from realm_lm.models.embedder import Retriever, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from realm_lm.train.data import heldout_mask, pad_rows
+from realm_lm.train.data import heldout_mask, pad_rows, title_and_body
 
 
 class IctModel(nn.Module):
@@ -63,8 +63,7 @@ class IctRecipe:
             print(f"resumed from {ckpt} at step {self.step}")
 
     def title_ids(self, row: int) -> np.ndarray:
-        tokens = np.asarray(self.store.tokens[row, :self.store.lengths[row]])
-        return tokens[1:int(np.argmax(tokens == self.special.sep))]
+        return title_and_body(self.store, row, self.special.sep)[0]
 
     def pair(self, s: int, remove: bool) -> tuple[np.ndarray, np.ndarray]:
         """(``[CLS] sentence [SEP]``, ``[CLS] title [SEP] block body (without the sentence) [SEP]``)."""
