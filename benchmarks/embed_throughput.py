@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
-from realm_lm.config import load_config
+from realm_lm.config import IndexConfig, load_config
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import embed_rows
 from realm_lm.models.embedder import Embedder, build_retriever
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-docs", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--batch-tokens", type=int, default=IndexConfig().embed_batch_tokens)
     parser.add_argument("--hf-python", default=str(HF_PYTHON), help="python of the reference venv (its setup.sh)")
     parser.add_argument("--config", default="configs/open_squad.toml")
     parser.add_argument("--skip-minilm", action="store_true")

@@ -58,7 +58,7 @@ class IndexConfig:
     ivf_pq_m: int = 32  # sub-quantisers; 128-d / 32 = 4 dims each
     ivf_nprobe: int = 64
     ivf_refine: int = 4  # re-rank k * ivf_refine PQ candidates with exact scores (0: off)
-    embed_batch_tokens: int = 4096  # padded tokens per embedding batch (blocks are sorted by length)
+    embed_batch_tokens: int = 1152  # padded tokens per batch (blocks sorted by length); 4 full blocks: small batches stay in cache
 
 
 @dataclass(frozen=True)
