@@ -13,6 +13,7 @@ Writes benchmarks/results/pretrain_quality.json.
 """
 
 import argparse
+import json
 import shutil
 import time
 from dataclasses import replace
@@ -56,7 +57,31 @@ def heldout_accuracy(cfg, init_from: str, out_dir: Path, n_queries: int) -> dict
         recipe.close()
 
 
-def pretrain(cfg, run_dir: str, **overrides) -> dict:
+def finished_history(run_dir: str, steps: int) -> list[dict] | None:
+    """The metrics log of a run that already reached ``steps`` (``--reuse``), else None."""
+    log = Path(run_dir) / "metrics.jsonl"
+    if not log.exists():
+        return None
+    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    steps_logged = [h["step"] for h in history]
+    return history if steps_logged == list(range(1, steps + 1)) else None  # complete and from one uninterrupted run
+
+
+def run_stats(history: list[dict], wall: float, started: int, durations: list[float]) -> dict:
+    return {"wall_s": round(wall, 1), "train_wall_s": history[-1]["wall_s"], "index_wait_s": history[-1]["index_wait_s"],
+            "index_versions": history[-1]["refreshes"], "refreshes_started": started,
+            "refresh_s_median": round(sorted(durations)[len(durations) // 2], 1) if durations else None,
+            "loss_first10": round(sum(h["loss"] for h in history[:10]) / 10, 3),
+            "loss_last10": round(sum(h["loss"] for h in history[-10:]) / 10, 3),
+            "max_staleness": max(h["staleness"] for h in history)}
+
+
+def pretrain(cfg, run_dir: str, reuse: bool = False, **overrides) -> dict:
+    steps = overrides.get("steps", cfg.pretrain.steps)
+    if reuse and (history := finished_history(run_dir, steps)):
+        durations = sorted({h["last_refresh_s"] for h in history if h["last_refresh_s"] is not None})
+        print(f"reusing {run_dir} ({steps} steps already trained)", flush=True)
+        return run_stats(history, history[-1]["wall_s"], history[-1]["refreshes"], durations) | {"reused": True}
     shutil.rmtree(run_dir, ignore_errors=True)
     refresh_mode = overrides.pop("refresh_mode", cfg.refresh.mode)
     rcfg = replace(cfg, pretrain=replace(cfg.pretrain, run_dir=run_dir, **overrides),
@@ -68,14 +93,8 @@ def pretrain(cfg, run_dir: str, **overrides) -> dict:
         history = recipe.train()
     finally:
         recipe.close()
-    wall = time.perf_counter() - t0
     stats = recipe.refresher.stats
-    return {"wall_s": round(wall, 1), "train_wall_s": history[-1]["wall_s"], "index_wait_s": round(stats.waited_s, 2),
-            "index_versions": stats.swaps, "refreshes_started": stats.refreshes_started,
-            "refresh_s_median": round(sorted(stats.durations_s)[len(stats.durations_s) // 2], 1) if stats.durations_s else None,
-            "loss_first10": round(sum(h["loss"] for h in history[:10]) / 10, 3),
-            "loss_last10": round(sum(h["loss"] for h in history[-10:]) / 10, 3),
-            "max_staleness": max(h["staleness"] for h in history)}
+    return run_stats(history, time.perf_counter() - t0, stats.refreshes_started, stats.durations_s)
 
 
 def main() -> None:
@@ -87,6 +106,8 @@ def main() -> None:
     parser.add_argument("--sync-steps", type=int, default=40)
     parser.add_argument("--heldout-queries", type=int, default=200)
     parser.add_argument("--runs", default="runs/cpu")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs under --runs that already finished this budget (evaluation is redone)")
     parser.add_argument("--set", action="append", default=[], help="override of the pre-training preset")
     parser.add_argument("--eval-set", action="append", default=[], help="override of the evaluation preset")
     args = parser.parse_args()
@@ -122,26 +143,32 @@ def main() -> None:
            f"mean pooling: R@5 {mean_recall['recall@5']:.3f}")
 
     t0 = time.perf_counter()
-    shutil.rmtree(cfg.ict.run_dir, ignore_errors=True)
-    ict = ict_main(cfg)
+    ict_eval = Path(cfg.ict.run_dir) / "ict_eval.json"
+    if args.reuse and ict_eval.exists() and (ict_history := finished_history(cfg.ict.run_dir, args.ict_steps)):
+        print(f"reusing {cfg.ict.run_dir} ({args.ict_steps} ICT steps already trained)", flush=True)
+        ict, ict_wall = json.loads(ict_eval.read_text()), ict_history[-1]["wall_s"]
+    else:
+        shutil.rmtree(cfg.ict.run_dir, ignore_errors=True)
+        ict = ict_main(cfg)
+        ict_wall = time.perf_counter() - t0
     figures.update({f"b.{k}": round(v, 4) for k, v in ict.items()})
-    record("(b) ICT", "b", cfg.ict.run_dir, cfg.ict.run_dir, time.perf_counter() - t0,
+    record("(b) ICT", "b", cfg.ict.run_dir, cfg.ict.run_dir, ict_wall,
            f"ICT held-out R@5 {ict['before.ict_recall@5']:.2f} -> {ict['after.ict_recall@5']:.2f}")
 
     variants = [("(c) ICT + REALM, salient spans", "c", {}),
                 ("(d) ICT + REALM, random-uniform masks", "d", {"masking": "random-uniform"}),
                 ("(e) ICT + REALM, index never refreshed", "e", {"refresh_mode": "never"})]
-    run_stats = {}
+    stats_of = {}
     for label, key, overrides in variants:
         run_dir = str(runs / f"realm-{key}")
-        stats = run_stats[key] = pretrain(cfg, run_dir, **overrides)
+        stats = stats_of[key] = pretrain(cfg, run_dir, args.reuse, **overrides)
         figures.update({f"{key}.run.{k}": v for k, v in stats.items() if v is not None})
         record(label, key, run_dir, run_dir, stats["wall_s"],
                f"loss {stats['loss_first10']:.2f} -> {stats['loss_last10']:.2f}; {stats['index_versions']} index versions")
 
-    sync = pretrain(cfg, str(runs / "realm-c-sync"), steps=args.sync_steps, refresh_mode="sync")
+    sync = pretrain(cfg, str(runs / "realm-c-sync"), args.reuse, steps=args.sync_steps, refresh_mode="sync")
     wait_rows = []
-    for mode, stats, steps in (("async", run_stats["c"], args.steps), ("sync", sync, args.sync_steps)):
+    for mode, stats, steps in (("async", stats_of["c"], args.steps), ("sync", sync, args.sync_steps)):
         share = stats["index_wait_s"] / stats["train_wall_s"]
         figures.update({f"wait.{mode}.{k}": v for k, v in stats.items() if v is not None})
         figures[f"wait.{mode}.share"] = round(share, 4)

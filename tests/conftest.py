@@ -19,6 +19,8 @@ def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:
             f"encoder.model={FIXTURES / 'tiny-bert'}",
             f"ict.run_dir={tmp_path / 'ict'}",
             f"pretrain.run_dir={tmp_path / 'pretrain'}",
+            f"finetune.run_dir={tmp_path / 'finetune'}",
+            f"finetune.questions={FIXTURES / 'tiny_qa.jsonl'}",
             *extra]
 
 

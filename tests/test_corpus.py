@@ -35,6 +35,12 @@ def test_block_cutting_properties(tok, block_len):
         assert blocks, "every non-empty document gives blocks"
         assert "".join(b.text for b in blocks) == doc.text  # nothing lost, nothing duplicated
         title_ids = tok.encode(doc.title, add_special_tokens=False).ids[:4]
+        bodies = [b.token_ids[len(title_ids) + 2:-1] for b in blocks]
+        assert sum(bodies, []) == tok.encode(doc.text, add_special_tokens=False).ids  # the wordpieces, too
+        for b, body in zip(blocks, bodies):  # each block's wordpieces are those of its own text (a word too
+            # long for one block is cut inside, so its second half starts with a ##piece)
+            own = tok.decode(tok.encode(b.text, add_special_tokens=False).ids)
+            assert tok.decode(body).removeprefix("##") == own
         for b in blocks:
             assert len(b.token_ids) <= block_len
             assert b.token_ids[:len(title_ids) + 2] == [special.cls, *title_ids, special.sep]  # title kept

@@ -1,6 +1,6 @@
 import pytest
 
-from realm_lm.corpus.open_squad import split_of
+from realm_lm.corpus.questions import split_of
 from realm_lm.eval.metrics import has_answer, normalize_answer, recall_at_k
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.config import ConfigError, RunConfig, load_config
@@ -18,7 +19,10 @@ def _config(args: argparse.Namespace) -> RunConfig:
     path = args.config
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
-    cfg = load_config(path, args.set or ())
+    overrides = list(args.set or ())
+    if getattr(args, "corpus", None):
+        overrides.append(f"corpus.store={json.dumps(args.corpus)}")
+    cfg = load_config(path, overrides)
     from realm_lm.runtime import setup_runtime
     setup_runtime(cfg)
     return cfg
@@ -103,6 +107,59 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"metrics: {Path(cfg.pretrain.run_dir) / 'metrics.jsonl'}; plot: {plot_run(cfg.pretrain.run_dir)}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from realm_lm.plot import plot_run
+    from realm_lm.train.finetune import main as finetune_main
+
+    cfg = _config(args)
+    if args.from_run is not None:
+        cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=args.from_run))
+    if args.retriever:
+        cfg = replace(cfg, finetune=replace(cfg.finetune, retriever=args.retriever))
+    history = finetune_main(cfg, resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.3f} (reader {last['reader_loss']:.3f}, "
+              f"retriever {last['retriever_loss']:.3f})")
+    print(f"run: {cfg.finetune.run_dir}; metrics: {Path(cfg.finetune.run_dir) / 'metrics.jsonl'}; "
+          f"plot: {plot_run(cfg.finetune.run_dir)}")
+
+
+def _questions(cfg: RunConfig, args: argparse.Namespace) -> list:
+    from realm_lm.corpus.questions import load_questions, read_qa_file
+
+    questions = read_qa_file(args.questions) if args.questions else load_questions(cfg.eval.squad, args.split)
+    return questions[:args.limit] if args.limit else questions
+
+
+def cmd_eval_qa(args: argparse.Namespace) -> None:
+    from realm_lm.answer import Answerer
+    from realm_lm.eval.qa import evaluate_qa
+
+    cfg = _config(args)
+    answerer = Answerer(cfg, args.from_run)
+    questions = _questions(cfg, args)
+    out = args.predictions or str(Path(args.from_run) / f"predictions-{args.split if not args.questions else Path(args.questions).stem}.jsonl")
+    result = evaluate_qa(answerer, questions, out, regex=args.regex or cfg.eval.regex_answers)
+    recall_keys = [k for k in result if k.startswith("recall@")]
+    print(markdown_table(["questions", "EM", "F1", *recall_keys, "questions/s"],
+                         [[result["n_questions"], f"{result['em']:.1f}", f"{result['f1']:.1f}",
+                           *[f"{result[k]:.3f}" for k in recall_keys], f"{result['questions_per_s']:.1f}"]]))
+    print(f"predictions: {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from realm_lm.answer import Answerer
+    from realm_lm.report import print_answers
+
+    cfg = _config(args)
+    answerer = Answerer(cfg, args.from_run)
+    for response in answerer.answer(args.question, k=args.k, top_n=args.n):
+        print_answers(response)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from realm_lm.plot import plot_run
     print(plot_run(args.run_dir, args.out))
@@ -127,6 +184,15 @@ def _from(p: argparse.ArgumentParser) -> None:
                         "lives in RUN_DIR/eval-index-<corpus hash> and is built on first use")
 
 
+def _corpus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", metavar="STORE", help="another corpus store (`realm corpus build`): same model, "
+                                                      "its own index (a re-embedding, no retraining)")
+
+
+def _from_finetuned(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR", required=True, help="a `realm finetune` run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm", description="REALM: retrieval-augmented language model pre-training")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -147,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--retriever", choices=["realm", "minilm-mean"], default="realm")
     _from(p)
+    _corpus(p)
     p.set_defaults(func=cmd_index_build)
 
     p = verbs.add_parser("retrieve", help="print the top-k blocks for a question")
@@ -155,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     _from(p)
+    _corpus(p)
     p.set_defaults(func=cmd_retrieve)
 
     ev = verbs.add_parser("eval", help="evaluation").add_subparsers(dest="action", required=True)
@@ -165,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures as flat JSON to this file")
     _from(p)
     p.set_defaults(func=cmd_eval_retrieval)
+    p = ev.add_parser("qa", help="exact match, F1 and recall@k of a fine-tuned run; writes a predictions JSONL")
+    _common(p)
+    p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
+    p.add_argument("--questions", help="a SQuAD JSON or JSONL {question, answers} file instead of an Open-SQuAD split")
+    p.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    p.add_argument("--regex", action="store_true", help="gold answers are regular expressions (CuratedTrec)")
+    p.add_argument("--predictions", help="predictions JSONL (default RUN_DIR/predictions-<split>.jsonl)")
+    p.add_argument("--json", help="also write the figures as JSON to this file")
+    _from_finetuned(p)
+    _corpus(p)
+    p.set_defaults(func=cmd_eval_qa)
 
     p = verbs.add_parser("ict", help="Inverse Cloze Task warm start of the retriever")
     _common(p)
@@ -176,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.set_defaults(func=cmd_pretrain)
 
+    p = verbs.add_parser("finetune", help="open-domain QA fine-tuning: query tower + span reader over a fixed index")
+    _common(p)
+    p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
+                   help="start from a pre-training (retriever + encoder), ICT (retriever) or fine-tuning run; "
+                        "'' = MiniLM (default: finetune.init_from)")
+    p.add_argument("--retriever", choices=["realm", "bm25"], help="default: finetune.retriever")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.set_defaults(func=cmd_finetune)
+    p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")
+    _common(p)
+    p.add_argument("question", nargs="+")
+    p.add_argument("-k", type=int, default=None, help="blocks read per question (default reader.top_k)")
+    p.add_argument("-n", type=int, default=3, help="answers shown per question")
+    _from_finetuned(p)
+    _corpus(p)
+    p.set_defaults(func=cmd_ask)
     p = verbs.add_parser("plot", help="PNG of a run's metrics (loss, accuracy, retrieval utility, staleness)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
@@ -196,13 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     from realm_lm.corpus.store import CorpusStoreError
     from realm_lm.index.versioned import IndexMismatchError, IndexNotFoundError
     from realm_lm.models.pretrained import ModelNotFoundError
+    from realm_lm.corpus.questions import QaFileError
     from realm_lm.retrieval import BadQuestionError
 
     args = build_parser().parse_args(argv)
     from realm_lm.masking import NerUnavailableError
     from realm_lm.train.checkpoint import CheckpointError
     expected = (ConfigError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError, CorpusStoreError, IndexNotFoundError, IndexMismatchError,
-                ModelNotFoundError, BadQuestionError, FileNotFoundError)
+                ModelNotFoundError, BadQuestionError, QaFileError, FileNotFoundError)
     t0 = time.perf_counter()
     try:
         args.func(args)

@@ -110,9 +110,39 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class ReaderConfig:
+    top_k: int = 5  # blocks read per question at fine-tuning and inference (ORQA / REALM: 5)
+    max_len: int = 320  # [CLS] question [SEP] title [SEP] body [SEP] is cut to this many wordpieces
+    question_len: int = 64  # wordpieces of the question kept
+    span_hidden: int = 256  # hidden size of the span scorer
+    max_span_len: int = 10  # wordpieces per answer span
+    batch_questions: int = 16  # questions per forward pass at inference
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"
+    init_from: str = ""  # a pre-training (retriever + reader from its encoder), ICT (retriever) or fine-tuning run; "" = MiniLM
+    retriever: str = "realm"  # realm (dense, from init_from) | bm25 (fixed; the reader alone learns)
+    train_query_tower: bool = True  # False: the retriever stays as given, only the reader learns
+    questions: str = ""  # SQuAD JSON or JSONL {"question", "answers"}; "" = the Open-SQuAD train split of eval.squad
+    max_questions: int = 0  # use only the first N training questions (0: all)
+    steps: int = 300
+    batch_size: int = 8  # questions per step (each reads top_k blocks)
+    lr: float = 1e-5  # ORQA / REALM
+    head_lr_scale: float = 10.0  # the span scorer is newly initialised: it learns at lr * this
+    warmup_steps: int = -1  # -1: steps / 10
+    weight_decay: float = 0.01
+    retriever_loss_weight: float = 1.0  # weight of the retriever's marginal loss beside the reader's
+    save_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 20)
     squad: str = "data/squad_v1.1_dev.json"  # questions of the Open-SQuAD splits come from here
+    regex_answers: bool = False  # gold answers are regular expressions (CuratedTrec) for exact match
 
 
 @dataclass(frozen=True)
@@ -130,6 +160,8 @@ class RunConfig:
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     ict: IctConfig = field(default_factory=IctConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -6,7 +6,7 @@ import time
 
 from realm_lm.config import RunConfig
 from realm_lm.corpus.fetch import fetch_data
-from realm_lm.corpus.open_squad import load_questions
+from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.eval.retrieval import compare_retrievers, recall_table_headers
 from realm_lm.index.build import build_index

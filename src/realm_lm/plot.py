@@ -11,6 +11,10 @@ PANELS = {  # metric key -> panel title; panels whose key the log lacks are skip
     "ru_top": "retrieval utility of the top block",
     "staleness": "index staleness (steps)",
     "in_batch_acc": "ICT in-batch accuracy",
+    "reader_loss": "reader loss (-log p of the gold spans)",
+    "retriever_loss": "retriever loss (-log p of the blocks with an answer)",
+    "answer_in_topk": "questions with an answer in the top-k blocks",
+    "top_span_correct": "best span is a gold answer (training batch)",
 }
 
 

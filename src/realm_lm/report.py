@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,3 +36,26 @@ def print_hits(question: str, hits: list, width: int = 100) -> None:
         snippet = textwrap.shorten(h.text, width=240, placeholder=" ...")
         print(f"  {h.rank:>2}. {h.score:8.3f}  {h.block_id}  [{h.title}]")
         print(textwrap.indent(textwrap.fill(snippet, width=width), " " * 8))
+
+
+def highlight(text: str, start: int, end: int, context: int = 160) -> str:
+    """A window of ``text`` around [start, end) with the span marked: bold yellow on a terminal, >>...<< elsewhere."""
+    if start < 0:
+        return textwrap.shorten(text, width=2 * context, placeholder=" ...")
+    lo, hi = max(0, start - context), min(len(text), end + context)
+    on, off = ("\033[1;33m", "\033[0m") if sys.stdout.isatty() else (">>", "<<")
+    return (("... " if lo > 0 else "") + text[lo:start] + on + text[start:end] + off + text[end:hi]
+            + (" ..." if hi < len(text) else ""))
+
+
+def print_answers(response, width: int = 100) -> None:
+    """A `realm ask` response: each answer with its probability, evidence block and the span highlighted."""
+    print(f"\nQ: {response.question}")
+    if not response.answers:
+        print("  (no answer: no span could be read in the retrieved blocks)")
+    for i, a in enumerate(response.answers, 1):
+        print(f"  {i}. {a.text!r}  p={a.probability:.3f}   [{a.title}]  block {a.block_id} "
+              f"(retrieved #{a.block_rank}, p(block)={a.retrieval_probability:.2f})")
+        if i == 1 or a.block_rank != response.answers[0].block_rank:
+            print(textwrap.indent(textwrap.fill(highlight(a.block_text, a.char_start, a.char_end), width=width),
+                                  " " * 6))

@@ -73,8 +73,8 @@ def cut_document(doc: Document, title_ids: list[int], enc: Encoding, special: Sp
         c0 = char_starts[j]
         c1 = char_starts[j + 1] if j + 1 < len(cuts) else len(doc.text)
         body = doc.text[c0:c1]
-        ids = [special.cls, *title_ids, special.sep, *ids[tok_start:tok_end], special.sep]
-        blocks.append(Block(block_id_of(doc.title, body), doc.doc_id, doc.title, body, c0, c1, ids, doc.source))
+        block_ids = [special.cls, *title_ids, special.sep, *ids[tok_start:tok_end], special.sep]
+        blocks.append(Block(block_id_of(doc.title, body), doc.doc_id, doc.title, body, c0, c1, block_ids, doc.source))
     return blocks
 
 

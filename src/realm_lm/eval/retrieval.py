@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from realm_lm.config import RunConfig
-from realm_lm.corpus.open_squad import load_questions
+from realm_lm.corpus.questions import load_questions
 from realm_lm.eval.metrics import recall_at_k
 from realm_lm.retrieval import Searcher
 

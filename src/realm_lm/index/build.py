@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -56,15 +57,20 @@ def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> st
 
 
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,
-                doc_embedder: Embedder | None = None, store: CorpusStore | None = None) -> str:
-    """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes; embeddings
-    with the same corpus and weights are reused) and publish a new version to ``cfg.index.dir``."""
+                doc_embedder: Embedder | None = None, store: CorpusStore | None = None,
+                reuse_from: tuple[str | Path, ...] = ()) -> str:
+    """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes) and publish a
+    new version to ``cfg.index.dir``. Embeddings of the same corpus, weights and pooling are reused from that
+    folder or from the ``reuse_from`` index folders (a fine-tuning run reuses its starting run's index)."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc
     doc_hash = weights_hash(doc_embedder)
     key = embedding_key(store.corpus_hash, doc_hash, cfg)
     t0 = time.perf_counter()
-    embeddings = find_embeddings(cfg.index.dir, key)
+    embeddings = None
+    for folder in (cfg.index.dir, *reuse_from):
+        if embeddings is None:
+            embeddings = find_embeddings(folder, key)
     reused = embeddings is not None
     if embeddings is None:
         embeddings = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import WordPiece as WordPieceDecoder
 from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
@@ -45,6 +46,7 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
     tok.pre_tokenizer = BertPreTokenizer()
+    tok.decoder = WordPieceDecoder()  # ids -> text joins ##pieces
     return tok
 
 

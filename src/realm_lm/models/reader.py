@@ -41,14 +41,15 @@ class Reader(nn.Module):
         self.score = nn.Linear(span_hidden, 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                block_mask: torch.Tensor) -> SpanScores:
-        """input_ids, attention_mask, token_type_ids: [N, L]; block_mask: [N, L] True on the block's wordpieces."""
+                start_ok: torch.Tensor, end_ok: torch.Tensor) -> SpanScores:
+        """input_ids, attention_mask, token_type_ids: [N, L]; start_ok / end_ok: [N, L] True where a span may start /
+        end (on the block's wordpieces, at word boundaries). The block is contiguous, so a span whose two ends
+        lie in it never leaves it."""
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
         starts, ends = enumerate_spans(h.shape[1], self.max_width)  # [S], [S]
         hs = self.start_proj(h)[:, starts]  # [N, S, Hs]
         he = self.end_proj(h)[:, ends]  # [N, S, Hs]
         logits = self.score(self.norm(torch.relu(hs + he))).squeeze(-1)  # [N, S]
-        # a span is allowed when both ends lie in the block; blocks are contiguous, so nothing between leaves it
-        allowed = block_mask[:, starts] & block_mask[:, ends]  # [N, S]
+        allowed = start_ok[:, starts] & end_ok[:, ends]  # [N, S]
         return SpanScores(logits.masked_fill(~allowed, float("-inf")), starts, ends, allowed)

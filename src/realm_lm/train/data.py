@@ -1,8 +1,10 @@
-"""Batches for ICT and REALM pre-training, built from the corpus store and its sentence table (no re-tokenising)."""
+"""Batches for ICT, REALM pre-training and the reader, built from the corpus store's token matrix (a block is never
+re-tokenised per question)."""
 
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,3 +85,86 @@ def joint_inputs(queries: list[MaskedQuery], bodies: list[list[np.ndarray]], spe
     ids, mask = pad_rows(rows, special.pad)
     token_types, _ = pad_rows(types, 0)
     return ids, mask, token_types
+
+
+@dataclass
+class ReaderBatch:
+    """``[CLS] question [SEP] title [SEP] body [SEP]`` for Q questions x K blocks, flattened to N = Q*K rows."""
+    input_ids: torch.Tensor  # [N, L]
+    attention_mask: torch.Tensor  # [N, L]
+    token_type_ids: torch.Tensor  # [N, L] 0 on the question, 1 on the block
+    block_mask: torch.Tensor  # [N, L] True on the body's wordpieces (where answer spans may lie)
+    start_ok: torch.Tensor  # [N, L] body wordpieces that begin a word
+    end_ok: torch.Tensor  # [N, L] body wordpieces that end a word
+    body_start: np.ndarray  # [N] position of the body's first wordpiece in the row
+    rows: np.ndarray  # [N] corpus store row of each block
+
+
+def question_ids(tok, questions: list[str], special: SpecialIds, max_len: int) -> list[np.ndarray]:
+    """``[CLS] question [SEP]`` wordpieces of each question, the question cut to ``max_len - 2``."""
+    encoded = tok.encode_batch(list(questions), add_special_tokens=False)
+    return [np.array([special.cls, *e.ids[:max_len - 2], special.sep], dtype=np.int64) for e in encoded]
+
+
+@lru_cache(maxsize=4)
+def continuation_pieces(tok) -> np.ndarray:
+    """bool [V]: wordpieces that continue a word (``##...``); answer spans neither start at one nor stop before one."""
+    vocab = tok.get_vocab()
+    table = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    table[[i for t, i in vocab.items() if t.startswith("##")]] = True
+    return table
+
+
+def reader_batch(store: CorpusStore, questions: list[np.ndarray], rows: np.ndarray, tok, special: SpecialIds,
+                 max_len: int) -> ReaderBatch:
+    """questions: Q ``[CLS] q [SEP]`` id arrays; rows: [Q, K] store rows. The block's stored ``[CLS]`` is dropped
+    and its body cut so that every row fits ``max_len`` with its final ``[SEP]``."""
+    seqs, types, body_starts, body_ends = [], [], [], []
+    for q, rows_of_q in zip(questions, rows):
+        for row in rows_of_q:
+            title, body = title_and_body(store, int(row), special.sep)
+            room = max(0, max_len - len(q) - len(title) - 2)  # [SEP] after the title, [SEP] at the end
+            seqs.append(np.concatenate([q, title, [special.sep], body[:room], [special.sep]]))
+            body_starts.append(len(q) + len(title) + 1)
+            body_ends.append(body_starts[-1] + min(len(body), room))
+            types.append(np.concatenate([np.zeros(len(q)), np.ones(len(seqs[-1]) - len(q))]))
+    ids, mask = pad_rows(seqs, special.pad)
+    token_types, _ = pad_rows(types, 0)
+    positions = torch.arange(ids.shape[1])  # [L]
+    starts, ends = torch.tensor(body_starts), torch.tensor(body_ends)  # [N]
+    block_mask = (positions[None] >= starts[:, None]) & (positions[None] < ends[:, None])  # [N, L]
+    continues = torch.from_numpy(continuation_pieces(tok)[ids.numpy()])  # [N, L]
+    next_continues = torch.nn.functional.pad(continues[:, 1:], (0, 1))  # [N, L]
+    return ReaderBatch(ids, mask, token_types, block_mask, block_mask & ~continues, block_mask & ~next_continues,
+                       np.asarray(body_starts), np.asarray(rows).reshape(-1))
+
+
+def answer_pieces(tok, answers: list[str] | tuple[str, ...]) -> list[np.ndarray]:
+    """Wordpiece sequences that count as a gold answer: each answer as written and SQuAD-normalised
+    (so that "the Broncos" also matches "Broncos" in a block, as exact match would)."""
+    from realm_lm.eval.metrics import normalize_answer
+
+    texts = [t for t in dict.fromkeys([*answers, *map(normalize_answer, answers)]) if t.strip()]
+    return [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False) if e.ids]
+
+
+def gold_span_mask(batch: ReaderBatch, pieces: list[list[np.ndarray]], k: int, max_width: int,
+                   starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """[Q, K, S] True for the enumerated spans (``starts``, ``ends``: [S]) whose wordpieces equal a gold answer's,
+    inside the body and at most ``max_width`` long. ``pieces``: per question, its answers' wordpiece sequences."""
+    ids = batch.input_ids.numpy()
+    block = batch.block_mask.numpy()
+    n, width = ids.shape
+    gold = np.zeros((n, width, max_width), dtype=bool)  # [N, start, length - 1]
+    for i in range(n):
+        body = np.nonzero(block[i])[0]
+        if len(body) == 0:
+            continue
+        lo, hi = body[0], body[-1] + 1
+        for seq in pieces[i // k]:
+            m = len(seq)
+            if m > max_width or m > hi - lo:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(ids[i, lo:hi], m)  # [hi - lo - m + 1, m]
+            gold[i, lo + np.nonzero((windows == seq).all(-1))[0], m - 1] = True
+    return torch.from_numpy(gold)[:, starts, ends - starts].view(n // k, k, -1)  # [Q, K, S]

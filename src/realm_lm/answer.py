@@ -1,0 +1,174 @@
+"""The one question -> answers-with-evidence path (`realm ask`, `realm eval qa`, the benchmarks): retrieve the top-k
+blocks, read every (block, span) pair, and rank answer strings with the block, title and character span that
+support them.
+
+p(block, span | question) = softmax over all pairs of (retrieval logit + span logit) (ORQA / REALM); an answer's
+probability sums the pairs whose text normalises to the same string.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from realm_lm.config import RunConfig, config_from_dict
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.eval.metrics import normalize_answer
+from realm_lm.models.embedder import load_bert
+from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.models.reader import Reader
+from realm_lm.retrieval import Hit, check_question, hits_of, make_searcher, trained_config
+from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint
+from realm_lm.train.data import ReaderBatch, question_ids, reader_batch, title_and_body
+
+CANDIDATE_PAIRS = 50  # best (block, span) pairs per question that are turned into answer strings
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    probability: float  # p(answer | question): the pairs whose text normalises alike, summed
+    block_id: str  # the evidence: the block of the most probable pair with this text
+    title: str
+    row: int
+    block_rank: int  # 1-based rank of the evidence block among the retrieved ones
+    retrieval_probability: float  # p(block | question) over the retrieved blocks
+    char_start: int  # the span in the evidence block's text: block_text[char_start:char_end] == text
+    char_end: int
+    block_text: str
+
+
+@dataclass(frozen=True)
+class Response:
+    question: str
+    answers: list[Answer]  # most probable first
+    hits: list[Hit]  # the retrieved blocks, in rank order
+
+
+def run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run folder (no config.json)")
+    return config_from_dict(json.loads(path.read_text()))
+
+
+def load_reader(run_dir: str | Path) -> tuple[Reader, RunConfig]:
+    """The fine-tuned reader of a `realm finetune` run (its latest checkpoint) and the run's config."""
+    from safetensors.torch import load_file
+
+    run_cfg = run_config(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {run_dir}")
+    tensors = {k.removeprefix("reader."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+               if k.startswith("reader.")}
+    if not tensors:
+        raise CheckpointError(f"{ckpt} has no reader: answer with a `realm finetune` run (this one is not)")
+    r = run_cfg.reader
+    reader = Reader(load_bert(resolve_model_dir(run_cfg.encoder.model)), r.span_hidden, r.max_span_len)
+    try:
+        reader.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt}: the reader's weights do not fit its config: {err}") from err
+    return reader.eval(), run_cfg
+
+
+class BlockOffsets:
+    """Character offsets of a block's body wordpieces, so that a span of wordpieces becomes a span of its text.
+    The stored ids are checked against a fresh encoding of the stored text; if they ever differ, the span's text
+    is decoded from the wordpieces instead (lower-cased) and its offsets are -1."""
+
+    def __init__(self, store: CorpusStore, tok, special: SpecialIds):
+        self.store, self.tok, self.special = store, tok, special
+        self.cache: dict[int, list[tuple[int, int]] | None] = {}
+
+    def span(self, row: int, body_ids: np.ndarray, first: int, last: int) -> tuple[str, int, int]:
+        """Text and [start, end) characters of body wordpieces first..last (inclusive) of block ``row``."""
+        if row not in self.cache:
+            enc = self.tok.encode(self.store.texts[row], add_special_tokens=False)
+            _, body = title_and_body(self.store, row, self.special.sep)
+            self.cache[row] = enc.offsets if enc.ids[:len(body)] == body.tolist() else None
+        offsets = self.cache[row]
+        if offsets is None or last >= len(offsets):
+            return self.tok.decode(body_ids[first:last + 1].tolist()), -1, -1
+        start, end = offsets[first][0], offsets[last][1]
+        return self.store.texts[row][start:end], start, end
+
+
+class Answerer:
+    """A fine-tuned run's retriever (its index of ``cfg.corpus.store``, built on first use) and reader."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore | None = None):
+        self.reader, self.run_cfg = load_reader(run_dir)
+        self.store = store or CorpusStore(cfg.corpus.store)
+        self.kind = self.run_cfg.finetune.retriever
+        search_cfg = trained_config(cfg, run_dir) if self.kind == "realm" else cfg
+        self.searcher = make_searcher(search_cfg, self.kind, self.store)
+        self.top_k = cfg.reader.top_k
+        self.batch_questions = cfg.reader.batch_questions
+        model_dir = resolve_model_dir(self.run_cfg.encoder.model)
+        self.tok = load_tokenizer(model_dir)
+        self.special = SpecialIds(self.tok)
+        self.offsets = BlockOffsets(self.store, self.tok, self.special)
+
+    def retrieve(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Retrieval logits [Q, k] (zeros for BM25: its scores are not on the reader's scale) and rows [Q, k]."""
+        scores, rows = self.searcher.search(questions, k, progress=progress)
+        logits = scores if self.kind == "realm" else np.zeros_like(scores)
+        return logits.astype(np.float32), rows
+
+    @torch.inference_mode()
+    def answer(self, questions: Sequence[str], k: int | None = None, top_n: int = 5,
+               progress: bool = False) -> list[Response]:
+        questions = [check_question(q) for q in questions]
+        k = k or self.top_k
+        logits, rows = self.retrieve(questions, k, progress=progress)
+        r = self.run_cfg.reader
+        out = []
+        for start in tqdm(range(0, len(questions), self.batch_questions), desc="reading", unit="batch",
+                          disable=not progress):
+            chunk = questions[start:start + self.batch_questions]
+            q_ids = question_ids(self.tok, chunk, self.special, r.question_len)
+            batch = reader_batch(self.store, q_ids, rows[start:start + len(chunk)], self.tok,
+                                 self.special, r.max_len)
+            spans = self.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
+                                   batch.end_ok)
+            span_logits = spans.logits.view(len(chunk), k, -1)  # [Q, K, S]
+            for i, question in enumerate(chunk):
+                qi = start + i
+                answers = self.decode(batch, i, k, span_logits[i], torch.from_numpy(logits[qi]), spans.starts,
+                                      spans.ends, top_n)
+                out.append(Response(question, answers, hits_of(self.store, logits[qi], rows[qi])))
+        return out
+
+    def decode(self, batch: ReaderBatch, i: int, k: int, span_logits: torch.Tensor, retrieval_logits: torch.Tensor,
+               starts: torch.Tensor, ends: torch.Tensor, top_n: int) -> list[Answer]:
+        """Question i of the batch: span_logits [K, S], retrieval_logits [K] -> its top answer strings."""
+        joint = (span_logits + retrieval_logits[:, None]).flatten().log_softmax(-1)  # [K*S]
+        finite = int(torch.isfinite(joint).sum())
+        best = joint.topk(min(CANDIDATE_PAIRS, finite))
+        p_block = retrieval_logits.softmax(-1)  # [K]
+        S = span_logits.shape[1]
+        grouped: dict[str, list] = {}
+        for logp, flat in zip(best.values.tolist(), best.indices.tolist()):
+            z, s = divmod(flat, S)
+            n = i * k + z  # row of the batch
+            row = int(batch.rows[n])
+            body_ids = batch.input_ids[n, batch.body_start[n]:].numpy()
+            first, last = int(starts[s]) - batch.body_start[n], int(ends[s]) - batch.body_start[n]
+            text, c0, c1 = self.offsets.span(row, body_ids, first, last)
+            key = normalize_answer(text) or text
+            if key in grouped:
+                grouped[key][0] += float(np.exp(logp))
+                continue
+            grouped[key] = [float(np.exp(logp)), Answer(
+                text, 0.0, self.store.block_ids[row], self.store.titles[row], row, z + 1, float(p_block[z]), c0, c1,
+                self.store.texts[row])]
+        ranked = sorted(grouped.values(), key=lambda g: -g[0])[:top_n]
+        return [replace(answer, probability=p) for p, answer in ranked]

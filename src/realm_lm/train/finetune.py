@@ -1,0 +1,240 @@
+"""`realm finetune`: open-domain QA fine-tuning (ORQA / REALM). The block index stays fixed (the document tower
+is frozen); the query tower and an extractive span reader are trained on
+-log sum_{(z, span) matching a gold answer} p(z|x) p(span|z,x)  +  -log sum_{z containing an answer} p(z|x),
+each term dropped for a question whose retrieved blocks hold no answer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from realm_lm.artifacts import write_json_atomic
+from realm_lm.config import RunConfig, config_to_dict
+from realm_lm.corpus.questions import Question, load_questions, read_qa_file
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.index.build import build_index
+from realm_lm.index.versioned import latest_version, load_index
+from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
+from realm_lm.models.embedder import Retriever, build_retriever, load_bert
+from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.models.reader import Reader
+from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
+from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from realm_lm.train.data import answer_pieces, gold_span_mask, question_ids, reader_batch
+from realm_lm.train.pretrain import linear_schedule
+
+RETRIEVERS = ("realm", "bm25")
+
+
+class QaModel(nn.Module):
+    """What fine-tuning trains (``reader.*``) and what it keeps (``retriever.query`` trained, ``retriever.doc``
+    frozen: the index was made with it). BM25 runs have no retriever."""
+
+    def __init__(self, retriever: Retriever | None, reader: Reader):
+        super().__init__()
+        self.retriever = retriever
+        self.reader = reader
+
+
+def checkpoint_keys(run_dir: str | Path) -> set[str]:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"finetune.init_from: no checkpoint in {run_dir}")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def training_questions(cfg: RunConfig) -> list[Question]:
+    f = cfg.finetune
+    questions = read_qa_file(f.questions) if f.questions else load_questions(cfg.eval.squad, "train")
+    return questions[:f.max_questions] if f.max_questions else questions
+
+
+class FinetuneRecipe:
+    def __init__(self, cfg: RunConfig):
+        f = cfg.finetune
+        if f.retriever not in RETRIEVERS:
+            raise ValueError(f"finetune.retriever must be one of {RETRIEVERS}, not {f.retriever!r}")
+        self.cfg = cfg
+        self.run_dir = Path(f.run_dir)
+        self.step = 0
+        self.dense = f.retriever == "realm"
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def setup(self, resume: bool = False, progress: bool = True) -> None:
+        cfg, f, r = self.cfg, self.cfg.finetune, self.cfg.reader
+        self.store = CorpusStore(cfg.corpus.store)
+        model_dir = resolve_model_dir(cfg.embedder.model)
+        self.tok = load_tokenizer(model_dir)
+        self.special = SpecialIds(self.tok)
+        self.questions = training_questions(cfg)
+        self.pieces = [answer_pieces(self.tok, q.answers) for q in self.questions]
+        init_keys = checkpoint_keys(f.init_from) if f.init_from else set()
+        torch.manual_seed(f.seed)
+
+        retriever = self.setup_retriever(init_keys, progress) if self.dense else None
+        reader = Reader(load_bert(resolve_model_dir(cfg.encoder.model)), r.span_hidden, r.max_span_len)
+        self.model = QaModel(retriever, reader)
+        if any(k.startswith("encoder.bert.") for k in init_keys):  # REALM pre-training: the reader reads with its encoder
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(latest_checkpoint(f.init_from) / "model.safetensors"))
+            reader.bert.load_state_dict({k.removeprefix("encoder.bert."): v for k, v in tensors.items()
+                                         if k.startswith("encoder.bert.")})
+        if any(k.startswith("reader.") for k in init_keys):  # continue from a fine-tuned run
+            load_checkpoint(latest_checkpoint(f.init_from), self.model, strict=False)
+        if not self.dense:
+            self.bm25_rows = Bm25Searcher(self.store).search([q.question for q in self.questions], r.top_k)[1]
+
+        head = [*reader.start_proj.parameters(), *reader.end_proj.parameters(), *reader.norm.parameters(),
+                *reader.score.parameters()]
+        trained = [*reader.bert.parameters()]
+        if self.dense and f.train_query_tower:
+            trained += [*self.model.retriever.query.parameters()]
+        self.opt = torch.optim.AdamW([{"params": trained}, {"params": head, "lr": f.lr * f.head_lr_scale}],
+                                     lr=f.lr, weight_decay=f.weight_decay)
+        warmup = f.warmup_steps if f.warmup_steps >= 0 else max(1, f.steps // 10)
+        self.sched = linear_schedule(self.opt, warmup, f.steps)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / "config.json", config_to_dict(self.run_config()))
+        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            state = load_checkpoint(ckpt, self.model, self.opt)
+            self.step = state["step"]
+            self.sched = linear_schedule(self.opt, warmup, f.steps, done=self.step)
+            set_rng_state(state["rng"])
+            log = self.run_dir / "metrics.jsonl"
+            if log.exists():  # the steps after the checkpoint are redone, so their lines go
+                kept = [x for x in log.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= self.step]
+                tmp = log.with_name(".metrics.jsonl.tmp")
+                tmp.write_text("".join(x + "\n" for x in kept))
+                tmp.replace(log)
+            print(f"resumed from {ckpt} at step {self.step}")
+        elif (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()
+
+    def setup_retriever(self, init_keys: set[str], progress: bool) -> Retriever:
+        """Separate towers: the query tower trains, the document tower stays the one that made the index. The
+        starting run's index of this corpus (built on first use) is republished in this run's folder."""
+        cfg, f = self.cfg, self.cfg.finetune
+        has_retriever = any(k.startswith("retriever.") for k in init_keys)
+        base = trained_config(cfg, f.init_from) if has_retriever else cfg
+        start = build_retriever(base.embedder)
+        doc = start.doc
+        query = copy.deepcopy(start.query) if start.shared else start.query
+        for p in doc.parameters():
+            p.requires_grad_(False)
+        if not f.train_query_tower:
+            for p in query.parameters():
+                p.requires_grad_(False)
+        if latest_version(base.index.dir) is None:
+            build_index(base, store=self.store, progress=progress)
+        own = trained_config(replace(cfg, embedder=self.run_config().embedder), self.run_dir)
+        if latest_version(own.index.dir) is None:
+            build_index(own, doc_embedder=doc, store=self.store, progress=progress, reuse_from=(base.index.dir,))
+        self.index, manifest = load_index(own.index.dir, self.store, cfg=own.index)
+        self.block_emb = np.load(Path(own.index.dir) / "versions" / manifest["version"] / "embeddings.npy",
+                                 mmap_mode="r")  # [N, D], the fixed document embeddings
+        self.query_len = base.embedder.max_query_len
+        return Retriever(query, doc)
+
+    def run_config(self) -> RunConfig:
+        """The config saved with the run: its towers are separate and its own checkpoints hold them."""
+        cfg = self.cfg
+        return replace(cfg, embedder=replace(cfg.embedder, share_towers=False, checkpoint=""))
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def forward(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        r, model = self.cfg.reader, self.model
+        questions = [self.questions[i].question for i in idx]
+        k = r.top_k
+        if self.dense:
+            q_ids, q_mask = encode_queries(questions, resolve_model_dir(self.cfg.embedder.model), self.query_len)
+            q = model.retriever.query(q_ids, q_mask)  # [B, D]
+            _, rows = self.index.search(q.detach().float().numpy(), k)  # [B, k] from the fixed index
+            blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32)).view(*rows.shape, -1)
+            retrieval_logits = torch.einsum("bd,bkd->bk", q, blocks)  # [B, k]
+        else:
+            rows = self.bm25_rows[idx]
+            retrieval_logits = torch.zeros(len(idx), k)  # BM25 scores are not on the reader's scale
+        batch = reader_batch(self.store, question_ids(self.tok, questions, self.special, r.question_len), rows,
+                             self.tok, self.special, r.max_len)
+        spans = model.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
+                                   batch.end_ok)
+        span_logits = spans.logits.view(len(idx), k, -1)  # [B, k, S]
+        gold = gold_span_mask(batch, [self.pieces[i] for i in idx], k, r.max_span_len, spans.starts, spans.ends)
+        gold &= spans.allowed.view_as(gold)  # an answer cut inside a word is no answer  [B, k, S]
+        has_answer = gold.any(-1)  # [B, k]
+        reader_loss = reader_marginal_nll(span_logits, retrieval_logits, gold)
+        retriever_loss = retriever_marginal_nll(retrieval_logits, has_answer)
+        loss = reader_loss + self.cfg.finetune.retriever_loss_weight * retriever_loss if self.dense else reader_loss
+        with torch.no_grad():
+            joint = (span_logits + retrieval_logits[:, :, None]).flatten(1)  # [B, k*S]
+            top_correct = gold.flatten(1).gather(1, joint.argmax(-1, keepdim=True)).float()  # [B, 1]
+        return {"loss": loss, "reader_loss": reader_loss, "retriever_loss": retriever_loss,
+                "answer_in_topk": has_answer.any(-1).float().mean(), "top_span_correct": top_correct.mean()}
+
+    def batch_indices(self) -> np.ndarray:
+        """Questions of this step: epochs of a seeded permutation (a function of the step, so resume is exact)."""
+        f, n = self.cfg.finetune, len(self.questions)
+        per_epoch = max(1, n // f.batch_size)
+        epoch, pos = divmod(self.step, per_epoch)
+        order = np.random.default_rng([f.seed, epoch]).permutation(n)
+        return order[pos * f.batch_size:(pos + 1) * f.batch_size]
+
+    def train_step(self) -> dict[str, Any]:
+        f = self.cfg.finetune
+        torch.manual_seed(f.seed * 1_000_003 + self.step)  # dropout
+        self.model.train()
+        if self.dense:
+            self.model.retriever.doc.eval()
+        t0 = time.perf_counter()
+        out = self.forward(self.batch_indices())
+        self.opt.zero_grad(set_to_none=True)
+        if out["loss"].requires_grad:  # else no question of the batch found an answer: no gradient, no update
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        self.opt.step()
+        self.sched.step()
+        return {k: float(v.detach()) for k, v in out.items()} | {"step_s": time.perf_counter() - t0,
+                                                          "lr": self.sched.get_last_lr()[0]}
+
+    # -- loop -----------------------------------------------------------------------------------------------
+    def train(self, progress: bool = True) -> list[dict[str, Any]]:
+        f = self.cfg.finetune
+        history = []
+        t_start = time.perf_counter()
+        with open(self.run_dir / "metrics.jsonl", "a") as log, \
+                tqdm(total=f.steps, initial=self.step, desc="fine-tuning", unit="step", disable=not progress) as bar:
+            while self.step < f.steps:
+                metrics = self.train_step()
+                self.step += 1
+                metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
+                history.append(metrics)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", found=f"{metrics['answer_in_topk']:.2f}")
+                bar.update(1)
+                if self.step % f.save_every == 0 or self.step == f.steps:
+                    self.save()
+        return history
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                               {"config": config_to_dict(self.run_config()), "kind": "finetune"})
+
+
+def main(cfg: RunConfig, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    recipe = FinetuneRecipe(cfg)
+    recipe.setup(resume=resume, progress=progress)
+    return recipe.train(progress=progress)

@@ -1,0 +1,287 @@
+"""Open-domain QA: spans stay in the block, gold spans, losses against loops, answer matching, fine-tune + eval +
+ask end to end on the tiny corpus, corpus swap, and bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertModel
+
+from realm_lm.answer import Answerer
+from realm_lm.config import load_config
+from realm_lm.corpus.questions import QaFileError, read_qa_file
+from realm_lm.corpus.store import CorpusStore, build_corpus
+from realm_lm.eval.qa import evaluate_qa
+from realm_lm.models.pretrained import SpecialIds, load_tokenizer
+from realm_lm.retrieval import BadQuestionError
+from realm_lm.train.data import answer_pieces, gold_span_mask, question_ids, reader_batch
+from realm_lm.train.finetune import FinetuneRecipe
+
+from realm_lm.eval.metrics import exact_match, f1_score
+from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
+from realm_lm.models.embedder import tiny_bert_config
+from realm_lm.models.reader import Reader, enumerate_spans
+
+from conftest import FIXTURES, ROOT, tiny_overrides
+
+
+def test_spans_stay_inside_the_block_and_respect_the_width():
+    torch.manual_seed(0)
+    reader = Reader(BertModel(tiny_bert_config(108), add_pooling_layer=False), span_hidden=16, max_width=3)
+    ids = torch.randint(5, 108, (2, 12))
+    block = torch.zeros(2, 12, dtype=torch.bool)
+    block[0, 5:11] = True  # [CLS] q q q [SEP] b b b b b b [SEP]
+    block[1, 3:6] = True
+    out = reader(ids, torch.ones_like(ids), torch.zeros_like(ids), block, block)
+    for row in range(2):
+        for s, (a, b) in enumerate(zip(out.starts.tolist(), out.ends.tolist())):
+            assert b - a < 3
+            inside = bool(block[row, a]) and bool(block[row, b])
+            assert bool(out.allowed[row, s]) == inside
+            assert math.isfinite(float(out.logits[row, s].detach())) == inside
+    assert int(out.allowed[1].sum()) == 3 + 2 + 1  # a 3-wordpiece block has 6 spans of width <= 3
+
+
+def test_enumerate_spans():
+    starts, ends = enumerate_spans(4, 2)
+    assert list(zip(starts.tolist(), ends.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3)]
+
+
+def naive_reader_loss(span_logits, retrieval_logits, gold):
+    total, count = 0.0, 0
+    for b in range(span_logits.shape[0]):
+        pairs = [(z, s) for z in range(span_logits.shape[1]) for s in range(span_logits.shape[2])]
+        weight = lambda z, s: math.exp(float(span_logits[b, z, s]) + float(retrieval_logits[b, z]))  # noqa: E731
+        good = sum(weight(z, s) for z, s in pairs if gold[b, z, s])
+        if good == 0:
+            continue
+        total += -math.log(good / sum(weight(z, s) for z, s in pairs))
+        count += 1
+    return total / count
+
+
+def test_reader_loss_matches_a_naive_loop_and_skips_questions_without_answers():
+    g = torch.Generator().manual_seed(0)
+    span_logits = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    retrieval = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    gold = torch.zeros(3, 4, 6, dtype=torch.bool)
+    gold[0, 1, 2] = gold[0, 3, 5] = gold[2, 0, 0] = True  # question 1 has no matching span
+    got = reader_marginal_nll(span_logits, retrieval, gold).item()
+    assert got == pytest.approx(naive_reader_loss(span_logits, retrieval, gold))
+    assert reader_marginal_nll(span_logits, retrieval, torch.zeros_like(gold)).item() == 0.0
+
+
+def test_retriever_loss_matches_a_naive_loop():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    has = torch.tensor([[True, False, True], [False, False, False]])
+    p = [math.exp(x) for x in (1.0, 2.0, 0.5)]
+    expected = -math.log((p[0] + p[2]) / sum(p))
+    assert retriever_marginal_nll(logits, has).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("prediction, answers, regex, em", [
+    ("The Denver Broncos", ["Denver Broncos"], False, True),
+    ("denver broncos.", ["Denver Broncos"], False, True),
+    ("Broncos", ["Denver Broncos"], False, False),
+    ("Café", ["cafe"], False, False),  # accents are kept, as in SQuAD's script
+    ("1,000", ["1000"], False, True),
+    ("George Washington", [r"(George )?Washington"], True, True),
+    ("Washington D.C.", [r"(George )?Washington"], True, False),
+])
+def test_exact_match(prediction, answers, regex, em):
+    assert exact_match(prediction, answers, regex) is em
+
+
+def test_f1():
+    assert f1_score("the Denver Broncos won", ["Denver Broncos"]) == pytest.approx(0.8)
+    assert f1_score("nothing", ["Denver Broncos"]) == 0.0
+
+
+# -- reader inputs from the corpus store ---------------------------------------------------------------------------
+@pytest.fixture
+def tiny_store(tiny_cfg):
+    build_corpus(tiny_cfg)
+    return CorpusStore(tiny_cfg.corpus.store)
+
+
+def test_reader_rows_and_span_masks(tiny_store):
+    tok = load_tokenizer(FIXTURES / "tiny-bert")
+    special = SpecialIds(tok)
+    q = question_ids(tok, ["who built the tower", "x " * 100], special, max_len=16)
+    assert len(q[1]) == 16 and q[1][0] == special.cls and q[1][-1] == special.sep
+    rows = np.array([[0, 1, 2], [3, 4, 5]])
+    batch = reader_batch(tiny_store, q, rows, tok, special, max_len=40)
+    assert batch.input_ids.shape[0] == 6 and batch.input_ids.shape[1] <= 40
+    for n in range(6):
+        length = int(batch.attention_mask[n].sum())
+        ids = batch.input_ids[n, :length].tolist()
+        body = torch.nonzero(batch.block_mask[n]).flatten().tolist()
+        assert ids[0] == special.cls and ids[-1] == special.sep
+        assert body == list(range(batch.body_start[n], body[-1] + 1))  # contiguous
+        assert ids[batch.body_start[n] - 1] == special.sep and body[-1] == length - 2  # between the [SEP]s
+        assert special.sep not in [ids[i] for i in body]
+        assert not (batch.start_ok[n] & ~batch.block_mask[n]).any() and not (batch.end_ok[n] & ~batch.block_mask[n]).any()
+        pieces = [tok.id_to_token(i) for i in ids]
+        assert not any(pieces[i].startswith("##") for i in torch.nonzero(batch.start_ok[n]).flatten().tolist())
+        assert not any(i + 1 < length and pieces[i + 1].startswith("##")
+                       for i in torch.nonzero(batch.end_ok[n]).flatten().tolist())
+
+
+def test_gold_spans_are_found_where_the_answer_is(tiny_store):
+    tok = load_tokenizer(FIXTURES / "tiny-bert")
+    special = SpecialIds(tok)
+    row = next(r for r, t in enumerate(tiny_store.texts) if "1170" in t)
+    q = question_ids(tok, ["when was orin born"], special, 16)
+    batch = reader_batch(tiny_store, q, np.array([[row, (row + 1) % len(tiny_store)]]), tok, special, max_len=64)
+    starts, ends = enumerate_spans(batch.input_ids.shape[1], 4)
+    gold = gold_span_mask(batch, [answer_pieces(tok, ["1170"])], k=2, max_width=4, starts=starts, ends=ends)
+    assert gold.shape == (1, 2, len(starts)) and gold[0, 0].any()
+    for s in torch.nonzero(gold[0, 0]).flatten().tolist():
+        span = batch.input_ids[0, starts[s]:ends[s] + 1].tolist()
+        assert tok.decode(span).replace(" ", "") == "1170"
+        assert batch.block_mask[0, starts[s]] and batch.block_mask[0, ends[s]]
+
+
+# -- question files -----------------------------------------------------------------------------------------------
+def test_qa_file_errors_name_the_line(tmp_path):
+    good = tmp_path / "qa.jsonl"
+    good.write_text('{"question": "Who?", "answers": ["Orin"]}\n\n{"question": "When?", "answers": ["1170", "1170"]}\n')
+    assert [q.answers for q in read_qa_file(good)] == [("Orin",), ("1170",)]
+    for body, message in [('{"answers": ["x"]}', "missing or empty \"question\""),
+                          ('{"question": "Who?"}', "\"answers\" must be"),
+                          ('{"question": "Who?", "answers": []}', "\"answers\" must be"),
+                          ('{"question": "  ", "answers": ["x"]}', "missing or empty"),
+                          ("not json", "not valid JSON")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"question": "Who?", "answers": ["Orin"]}\n' + body + "\n")
+        with pytest.raises(QaFileError, match=message) as err:
+            read_qa_file(bad)
+        assert "bad.jsonl:2" in str(err.value)
+
+
+# -- fine-tuning, evaluation, answering ---------------------------------------------------------------------------
+def finetune_cfg(tmp_path, *extra):
+    return load_config(ROOT / "configs" / "tiny.toml", tiny_overrides(tmp_path, "reader.top_k=16", *extra))
+
+
+def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path):
+    cfg = finetune_cfg(tmp_path)
+    build_corpus(cfg)
+    recipe = FinetuneRecipe(cfg)
+    recipe.setup(progress=False)
+    doc_before = {k: v.clone() for k, v in recipe.model.retriever.doc.state_dict().items()}
+    query_before = {k: v.clone() for k, v in recipe.model.retriever.query.state_dict().items()}
+    reader_before = {k: v.clone() for k, v in recipe.model.reader.state_dict().items()}
+    out = recipe.forward(np.arange(len(recipe.questions)))  # every question: some find their answer
+    assert float(out["answer_in_topk"]) > 0 and torch.isfinite(out["loss"])
+    recipe.step = 0
+    history = recipe.train(progress=False)
+    assert len(history) == cfg.finetune.steps and all(math.isfinite(h["loss"]) for h in history)
+    changed = lambda before, module: any(not torch.equal(before[k], v) for k, v in module.state_dict().items())  # noqa: E731
+    assert not changed(doc_before, recipe.model.retriever.doc)
+    assert changed(query_before, recipe.model.retriever.query) and changed(reader_before, recipe.model.reader)
+
+
+def test_finetune_resume_reproduces_the_losses(tmp_path):
+    def run(folder, stop_after=None, resume=False):
+        cfg = finetune_cfg(tmp_path, f"finetune.run_dir={tmp_path / folder}", "finetune.steps=4",
+                           "finetune.save_every=2", f"corpus.store={tmp_path / 'corpus'}")
+        if not (tmp_path / "corpus").exists():
+            build_corpus(cfg)
+        recipe = FinetuneRecipe(cfg)
+        recipe.setup(resume=resume, progress=False)
+        if stop_after:
+            recipe.cfg = cfg
+            while recipe.step < stop_after:
+                recipe.train_step()
+                recipe.step += 1
+            recipe.save()
+            return None
+        recipe.train(progress=False)
+        return [json.loads(x)["loss"] for x in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+
+    full = run("full")
+    run("cut", stop_after=2)
+    resumed = run("cut", resume=True)
+    assert resumed[-2:] == pytest.approx(full[-2:], abs=1e-5)
+
+
+def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
+    from realm_lm.cli import main
+
+    def realm(*argv, extra=()):
+        sets = [x for o in tiny_overrides(tmp_path, "reader.top_k=16", *extra) for x in ("--set", o)]
+        return main([*argv, "--config", str(ROOT / "configs" / "tiny.toml"), *sets])
+
+    assert realm("corpus", "build") == 0
+    assert realm("finetune") == 0
+    run = str(tmp_path / "finetune")
+    assert realm("eval", "qa", "--from", run, "--questions", str(FIXTURES / "tiny_qa.jsonl")) == 0
+    out = capsys.readouterr().out
+    assert "EM" in out and "recall@16" in out
+    records = [json.loads(x) for x in (tmp_path / "finetune" / "predictions-tiny_qa.jsonl").read_text().splitlines()]
+    store = CorpusStore(tmp_path / "corpus")
+    assert len(records) == 8
+    for r in records:
+        assert {"answer", "probability", "block_id", "title", "char_start", "char_end", "gold"} <= set(r)
+        assert 0 < r["probability"] <= 1 and len(r["retrieved"]) == 16
+        row = store.block_ids.index(r["block_id"])
+        assert store.titles[row] == r["title"]
+        if r["char_start"] >= 0:
+            assert store.texts[row][r["char_start"]:r["char_end"]] == r["answer"]
+    assert realm("ask", "Who built Aldermoor?", "--from", run, "-n", "2") == 0
+    out = capsys.readouterr().out
+    assert "Q: Who built Aldermoor?" in out and "p=" in out and ">>" in out
+
+    # corpus swap: a new store, the same model, its own index; nothing retrained
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "n1", "title": "Zorvath", "text": "Zorvath is a moon of the planet Quel. "
+                                 "It was found by the astronomer Pell Avi in 2091."}) + "\n")
+    assert realm("corpus", "build", extra=[f'corpus.inputs=["{other}"]', f"corpus.store={tmp_path / 'other'}"]) == 0
+    assert realm("index", "build", "--from", run, "--corpus", str(tmp_path / "other")) == 0
+    assert realm("ask", "Who found Zorvath?", "--from", run, "--corpus", str(tmp_path / "other"), "-k", "1") == 0
+    out = capsys.readouterr().out
+    assert "[Zorvath]" in out
+
+
+def test_bad_questions_give_clear_errors(tmp_path, capsys):
+    from realm_lm.cli import main
+
+    def realm(*argv):
+        sets = [x for o in tiny_overrides(tmp_path) for x in ("--set", o)]
+        return main([*argv, "--config", str(ROOT / "configs" / "tiny.toml"), *sets])
+
+    assert realm("corpus", "build") == 0
+    assert realm("finetune", "--set", "finetune.steps=1") == 0
+    run = str(tmp_path / "finetune")
+    capsys.readouterr()
+    assert realm("ask", "   ", "--from", run) == 2
+    assert "question is empty" in capsys.readouterr().err
+    assert realm("ask", "w" * 100_000, "--from", run) == 2
+    assert "100000 characters" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "Who?"}\n')
+    assert realm("eval", "qa", "--from", run, "--questions", str(broken)) == 2
+    assert "broken.jsonl:1" in capsys.readouterr().err
+    sets = [x for o in tiny_overrides(tmp_path, f"finetune.questions={broken}") for x in ("--set", o)]
+    assert main(["finetune", "--config", str(ROOT / "configs" / "tiny.toml"), *sets]) == 2
+    assert realm("ask", "Who?", "--from", str(tmp_path / "nowhere")) == 2
+    assert realm("eval", "qa", "--from", str(tmp_path / "corpus")) == 2  # not a run folder
+
+
+def test_answerer_rejects_runs_without_a_reader(tmp_path):
+    cfg = finetune_cfg(tmp_path)
+    build_corpus(cfg)
+    from realm_lm.train.ict import main as ict_main
+
+    ict_main(cfg)
+    from realm_lm.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no reader"):
+        Answerer(cfg, cfg.ict.run_dir)
+    with pytest.raises(BadQuestionError):
+        from realm_lm.retrieval import check_question
+
+        check_question("")
