@@ -29,7 +29,8 @@ def test_end_to_end(tmp_path, capsys):
 
 
 def test_help_on_every_verb(capsys):
-    for verb in (["data", "fetch"], ["corpus", "build"], ["index", "build"], ["retrieve"], ["eval", "retrieval"], ["demo"]):
+    for verb in (["data", "fetch"], ["corpus", "build"], ["index", "build"], ["retrieve"], ["eval", "retrieval"],
+                 ["eval", "qa"], ["finetune"], ["ask"], ["demo"]):
         with pytest.raises(SystemExit) as exit_:
             main([*verb, "--help"])
         assert exit_.value.code == 0

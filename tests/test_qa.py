@@ -280,7 +280,7 @@ def test_answerer_rejects_runs_without_a_reader(tmp_path):
     from realm_lm.train.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="no reader"):
-        Answerer(cfg, cfg.ict.run_dir)
+        Answerer.from_run(cfg, cfg.ict.run_dir)
     with pytest.raises(BadQuestionError):
         from realm_lm.retrieval import check_question
 

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from realm_lm.config import RunConfig, config_from_dict
+from realm_lm.config import ReaderConfig, RunConfig, config_from_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.eval.metrics import normalize_answer
 from realm_lm.models.embedder import load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
-from realm_lm.retrieval import Hit, check_question, hits_of, make_searcher, trained_config
+from realm_lm.retrieval import Hit, Searcher, check_question, hits_of, make_searcher, trained_config
 from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint
 from realm_lm.train.data import ReaderBatch, question_ids, reader_batch, title_and_body
 
@@ -102,25 +102,34 @@ class BlockOffsets:
 
 
 class Answerer:
-    """A fine-tuned run's retriever (its index of ``cfg.corpus.store``, built on first use) and reader."""
+    """A retriever (any :class:`~realm_lm.retrieval.Searcher` over ``store``) and a span reader."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore | None = None):
-        self.reader, self.run_cfg = load_reader(run_dir)
-        self.store = store or CorpusStore(cfg.corpus.store)
-        self.kind = self.run_cfg.finetune.retriever
-        search_cfg = trained_config(cfg, run_dir) if self.kind == "realm" else cfg
-        self.searcher = make_searcher(search_cfg, self.kind, self.store)
-        self.top_k = cfg.reader.top_k
-        self.batch_questions = cfg.reader.batch_questions
-        model_dir = resolve_model_dir(self.run_cfg.encoder.model)
-        self.tok = load_tokenizer(model_dir)
-        self.special = SpecialIds(self.tok)
-        self.offsets = BlockOffsets(self.store, self.tok, self.special)
+    def __init__(self, searcher: Searcher, reader: Reader, reader_cfg: ReaderConfig, tok, dense: bool,
+                 top_k: int | None = None):
+        self.searcher, self.reader, self.reader_cfg = searcher, reader.eval(), reader_cfg
+        self.store = searcher.store
+        self.dense = dense  # dense scores are retrieval logits; BM25's are not on the reader's scale
+        self.top_k = top_k or reader_cfg.top_k
+        self.tok = tok
+        self.special = SpecialIds(tok)
+        self.offsets = BlockOffsets(self.store, tok, self.special)
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, run_dir: str | Path, store: CorpusStore | None = None) -> "Answerer":
+        """A fine-tuned run's retriever (its index of ``cfg.corpus.store``, built on first use) and reader;
+        top-k and batching from ``cfg.reader``, everything the weights depend on from the run's own config."""
+        reader, run_cfg = load_reader(run_dir)
+        store = store or CorpusStore(cfg.corpus.store)
+        kind = run_cfg.finetune.retriever
+        searcher = make_searcher(trained_config(cfg, run_dir) if kind == "realm" else cfg, kind, store)
+        reader_cfg = replace(run_cfg.reader, top_k=cfg.reader.top_k, batch_questions=cfg.reader.batch_questions)
+        tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
+        return cls(searcher, reader, reader_cfg, tok, dense=kind == "realm")
 
     def retrieve(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval logits [Q, k] (zeros for BM25: its scores are not on the reader's scale) and rows [Q, k]."""
         scores, rows = self.searcher.search(questions, k, progress=progress)
-        logits = scores if self.kind == "realm" else np.zeros_like(scores)
+        logits = scores if self.dense else np.zeros_like(scores)
         return logits.astype(np.float32), rows
 
     @torch.inference_mode()
@@ -129,11 +138,11 @@ class Answerer:
         questions = [check_question(q) for q in questions]
         k = k or self.top_k
         logits, rows = self.retrieve(questions, k, progress=progress)
-        r = self.run_cfg.reader
+        r = self.reader_cfg
         out = []
-        for start in tqdm(range(0, len(questions), self.batch_questions), desc="reading", unit="batch",
+        for start in tqdm(range(0, len(questions), r.batch_questions), desc="reading", unit="batch",
                           disable=not progress):
-            chunk = questions[start:start + self.batch_questions]
+            chunk = questions[start:start + r.batch_questions]
             q_ids = question_ids(self.tok, chunk, self.special, r.question_len)
             batch = reader_batch(self.store, q_ids, rows[start:start + len(chunk)], self.tok,
                                  self.special, r.max_len)

@@ -137,7 +137,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     from realm_lm.eval.qa import evaluate_qa
 
     cfg = _config(args)
-    answerer = Answerer(cfg, args.from_run)
+    answerer = Answerer.from_run(cfg, args.from_run)
     questions = _questions(cfg, args)
     out = args.predictions or str(Path(args.from_run) / f"predictions-{args.split if not args.questions else Path(args.questions).stem}.jsonl")
     result = evaluate_qa(answerer, questions, out, regex=args.regex or cfg.eval.regex_answers)
@@ -155,7 +155,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from realm_lm.report import print_answers
 
     cfg = _config(args)
-    answerer = Answerer(cfg, args.from_run)
+    answerer = Answerer.from_run(cfg, args.from_run)
     for response in answerer.answer(args.question, k=args.k, top_n=args.n):
         print_answers(response)
 
@@ -169,7 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from realm_lm.demo import run_demo
     cfg = _config(args)
     pretrain_cfg = load_config(args.pretrain_config) if args.pretrain_config else None
-    run_demo(cfg, pretrain_cfg)
+    finetune_cfg = load_config(args.finetune_config) if args.finetune_config else None
+    run_demo(cfg, pretrain_cfg, finetune_cfg)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -277,10 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = verbs.add_parser("demo", help="the main job on the default data: fetch, corpus, index, evaluation, examples, "
-                                      "then ICT and REALM pre-training")
+                                      "ICT and REALM pre-training, QA fine-tuning and answers with evidence")
     _common(p)
     p.add_argument("--pretrain-config", default="configs/demo_pretrain.toml",
                    help="preset of the pre-training stage ('' to skip it)")
+    p.add_argument("--finetune-config", default="configs/demo_finetune.toml",
+                   help="[reader] and [finetune] of the QA stage, run on the main config's corpus ('' to skip it)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from realm_lm.config import RunConfig
 from realm_lm.corpus.fetch import fetch_data
@@ -14,13 +16,15 @@ from realm_lm.report import markdown_table, print_hits
 from realm_lm.retrieval import hits_of, make_searcher, minilm_mean_config
 
 EXAMPLE_QUESTIONS = 3
+QA_EVAL_QUESTIONS = 200  # dev questions the demo's QA stage is evaluated on (every 10th)
 
 
 def stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
-def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None) -> dict[str, float]:
+def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None,
+             finetune_cfg: RunConfig | None = None) -> dict[str, float]:
     timings: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -61,6 +65,9 @@ def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None) -> dict[str,
 
     if pretrain_cfg is not None:
         results.update(run_pretraining_stage(pretrain_cfg, timed))
+    if finetune_cfg is not None:
+        qa_cfg = replace(cfg, reader=finetune_cfg.reader, finetune=finetune_cfg.finetune)
+        results.update(run_qa_stage(qa_cfg, store, timed))
 
     stage("timings (s)")
     print(markdown_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()]))
@@ -90,3 +97,37 @@ def run_pretraining_stage(cfg: RunConfig, timed) -> dict[str, float]:
           f"trainer waited {history[-1]['index_wait_s']:.1f}s of {history[-1]['wall_s']:.0f}s for the index")
     print(f"plot: {plot_run(cfg.pretrain.run_dir)}")
     return {"pretrain.refreshes": history[-1]["refreshes"], "pretrain.final_loss": mean(last, "loss")}
+
+
+def run_qa_stage(cfg: RunConfig, store: CorpusStore, timed) -> dict[str, float]:
+    """Open-domain QA: fine-tune the query tower and a reader, evaluate, answer three questions with evidence."""
+    from realm_lm.answer import Answerer
+    from realm_lm.eval.qa import evaluate_qa
+    from realm_lm.plot import plot_run
+    from realm_lm.report import print_answers
+    from realm_lm.train.finetune import main as finetune_main
+
+    f = cfg.finetune
+    stage(f"8. open-domain QA fine-tuning from {f.init_from or 'MiniLM'} ({f.steps} steps x {f.batch_size} train "
+          f"questions, top-{cfg.reader.top_k} blocks of the fixed index)")
+    history = timed("finetune", finetune_main, cfg)
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    print(f"loss {mean(history[:5], 'loss'):.3f} -> {mean(history[-5:], 'loss'):.3f} (mean of first / last 5 steps); "
+          f"plot: {plot_run(f.run_dir)}")
+
+    dev = load_questions(cfg.eval.squad, "dev")[::10][:QA_EVAL_QUESTIONS]
+    stage(f"9. QA evaluation on {len(dev)} dev questions")
+    answerer = Answerer.from_run(cfg, f.run_dir, store)
+    predictions = Path(f.run_dir) / "predictions-dev.jsonl"
+    result = timed("qa_eval", evaluate_qa, answerer, dev, predictions)
+    print(markdown_table(["questions", "EM", "F1", f"recall@{cfg.reader.top_k}", "questions/s"],
+                         [[result["n_questions"], f"{result['em']:.1f}", f"{result['f1']:.1f}",
+                           f"{result[f'recall@{cfg.reader.top_k}']:.3f}", f"{result['questions_per_s']:.1f}"]]))
+    print(f"predictions with their evidence: {predictions}")
+
+    stage("10. three test questions answered, with their evidence")
+    examples = load_questions(cfg.eval.squad, "test")[::997][:EXAMPLE_QUESTIONS]
+    for q, response in zip(examples, answerer.answer([q.question for q in examples], top_n=2)):
+        print(f"\n--- gold answers: {' | '.join(q.answers)}")
+        print_answers(response)
+    return {"qa.dev_em": result["em"], "qa.dev_f1": result["f1"]}

@@ -13,6 +13,9 @@ from torch import nn
 from transformers import BertModel
 
 
+SPAN_CHUNK = 16_384  # spans scored per chunk: 16k x 256 floats = 16 MB
+
+
 @dataclass
 class SpanScores:
     logits: torch.Tensor  # [N, S] score of every enumerated span (-inf where not allowed)
@@ -48,8 +51,17 @@ class Reader(nn.Module):
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
         starts, ends = enumerate_spans(h.shape[1], self.max_width)  # [S], [S]
-        hs = self.start_proj(h)[:, starts]  # [N, S, Hs]
-        he = self.end_proj(h)[:, ends]  # [N, S, Hs]
-        logits = self.score(self.norm(torch.relu(hs + he))).squeeze(-1)  # [N, S]
         allowed = start_ok[:, starts] & end_ok[:, ends]  # [N, S]
-        return SpanScores(logits.masked_fill(~allowed, float("-inf")), starts, ends, allowed)
+        # score only the allowed spans (question, padding and split words are a large share of N x S), in chunks
+        # that stay in cache: the [spans, span_hidden] activations are the reader's largest tensors
+        row, span = allowed.nonzero(as_tuple=True)  # [A], [A]
+        hs, he = self.start_proj(h), self.end_proj(h)  # [N, L, Hs] each
+        scores = []
+        for a in range(0, len(row), SPAN_CHUNK):
+            r, sp = row[a:a + SPAN_CHUNK], span[a:a + SPAN_CHUNK]
+            x = torch.relu(hs[r, starts[sp]] + he[r, ends[sp]])  # [chunk, Hs]
+            scores.append(self.score(self.norm(x)).squeeze(-1))  # [chunk]
+        logits = h.new_full(allowed.shape, float("-inf"))  # [N, S]
+        if scores:
+            logits = logits.index_put((row, span), torch.cat(scores))
+        return SpanScores(logits, starts, ends, allowed)

@@ -1,0 +1,176 @@
+"""Open-QA answering throughput: ours vs Hugging Face's RealmForOpenQA (bench_hf_realm.py --parts d), one run.
+
+    .venv/bin/python benchmarks/answer_throughput.py [--questions 64] [--hf-python PATH] [--skip-real]
+
+1. The reference's work (part d): hidden 256, 4 layers, 4 heads, FFN 1024, vocab 30522, random weights; an index of
+   8,192 random 288-token blocks; questions of 32 wordpieces; k = 8 blocks read; reader inputs of 320 wordpieces;
+   2 threads. Ours runs the real answer path (`Answerer.answer`: tokenise, embed, exact MIPS, build the reader rows
+   from the store's token matrix, read, rank spans, map them to characters) at batch 1 (latency) and batch 32
+   (throughput). The reference allows batch 1 only. MFU from the reference's own FLOP count (20.3 GFLOP/question)
+   and the fp32 peak measured by its cpu_peak.py in the same run.
+2. The default preset on the real corpus (configs/open_squad.toml: MiniLM reader, k = 5, blocks of their real
+   length), dev questions, batch 32 and batch 1. Weights do not change the cost, so the reader is MiniLM as loaded.
+Writes benchmarks/results/answer_throughput.json.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from realm_lm.answer import Answerer
+from realm_lm.config import ReaderConfig, load_config
+from realm_lm.corpus.questions import load_questions
+from realm_lm.corpus.store import CorpusStore, write_store
+from realm_lm.index.backends import make_index
+from realm_lm.models.embedder import Embedder, load_bert
+from realm_lm.models.pretrained import load_tokenizer, resolve_model_dir
+from realm_lm.models.reader import Reader
+from realm_lm.report import markdown_table, write_results
+from realm_lm.retrieval import DenseSearcher, embed_questions
+
+HF_BENCH = Path("../shared/bench/hf_realm")
+HF_PYTHON = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf-realm-bench/venv/bin/python"
+H, N_LAYERS, HEADS, FFN, V, P = 256, 4, 4, 1024, 30522, 128
+N_DOCS, DOC_LEN, Q_LEN, K = 8192, 288, 32, 8
+
+
+def random_bert():
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
+                                intermediate_size=FFN, max_position_embeddings=512, attn_implementation="sdpa"),
+                     add_pooling_layer=False)
+
+
+class SyntheticSearcher:
+    """The reference's retrieval: a random query tower and an exact index of random block embeddings."""
+
+    def __init__(self, store: CorpusStore, model_dir: Path, seed: int = 0):
+        torch.manual_seed(seed)
+        self.store, self.model_dir = store, model_dir
+        self.embedder = Embedder(random_bert(), "cls-proj", P).eval()
+        self.index = make_index(load_config(None).index)
+        self.index.build(np.random.default_rng(seed).standard_normal((len(store), P)).astype(np.float32))
+
+    def search(self, questions, k, progress=False):
+        return self.index.search(embed_questions(self.embedder, questions, self.model_dir, Q_LEN), k)
+
+
+def time_answers(answerer: Answerer, questions: list[str], batch: int, k: int) -> dict:
+    """Median seconds per call of `answer` on ``batch`` questions (one warm-up call first)."""
+    answerer.reader_cfg = replace(answerer.reader_cfg, batch_questions=batch)
+    calls = [questions[i:i + batch] for i in range(0, len(questions) - batch + 1, batch)]
+    answerer.answer(calls[0], k=k)  # warm-up
+    times = []
+    for chunk in calls[1:] if len(calls) > 1 else calls:
+        t0 = time.perf_counter()
+        answerer.answer(chunk, k=k)
+        times.append(time.perf_counter() - t0)
+    median = float(np.median(times))
+    return {"batch": batch, "calls": len(times), "median_call_s": round(median, 4),
+            "questions_per_s": round(batch / median, 3)}
+
+
+def synthetic(n_questions: int, workdir: Path) -> dict:
+    rng = np.random.default_rng(0)
+    model_dir = resolve_model_dir("minilm")  # its uncased WordPiece vocabulary has the reference's 30,522 entries
+    tok = load_tokenizer(model_dir)
+    words = [w for w, i in tok.get_vocab().items() if w.isalpha() and i > 1000]
+    tokens = rng.integers(1000, V, size=(N_DOCS, DOC_LEN), dtype=np.int32)
+    tokens[:, 0], tokens[:, 2], tokens[:, -1] = 101, 102, 102  # [CLS] title [SEP] body [SEP]
+    ids = [f"b{i}" for i in range(N_DOCS)]
+    texts = [""] * N_DOCS  # random wordpieces have no text: answers are decoded from the wordpieces
+    store_dir = write_store(workdir / "store", {"block_id": ids, "doc_id": ids, "title": ids, "text": texts,
+                                                "char_start": [0] * N_DOCS, "char_end": [0] * N_DOCS,
+                                                "n_tokens": [DOC_LEN] * N_DOCS, "source": [""] * N_DOCS},
+                            tokens, "synthetic", {})
+    store = CorpusStore(store_dir)
+    searcher = SyntheticSearcher(store, model_dir)
+    torch.manual_seed(1)
+    reader = Reader(random_bert(), span_hidden=256, max_width=10)
+    reader_cfg = ReaderConfig(top_k=K, max_len=DOC_LEN + Q_LEN, question_len=Q_LEN)
+    answerer = Answerer(searcher, reader, reader_cfg, tok, dense=True)
+    questions = [" ".join(rng.choice(words, size=Q_LEN - 2)) for _ in range(n_questions + 32)]
+    lengths = [len(e.ids) + 2 for e in tok.encode_batch(questions[:64], add_special_tokens=False)]
+    return {"b1": time_answers(answerer, questions[:17], 1, K), "b32": time_answers(answerer, questions, 32, K),
+            "question_len_median": float(np.median(lengths))}
+
+
+def real(n_questions: int) -> dict:
+    cfg = load_config("configs/open_squad.toml")
+    store = CorpusStore(cfg.corpus.store)
+    searcher = DenseSearcher(cfg, store)
+    model_dir = resolve_model_dir(cfg.encoder.model)
+    reader = Reader(load_bert(model_dir), cfg.reader.span_hidden, cfg.reader.max_span_len)
+    answerer = Answerer(searcher, reader, cfg.reader, load_tokenizer(model_dir), dense=True)
+    questions = [q.question for q in load_questions(cfg.eval.squad, "dev")[:n_questions + 32]]
+    _, rows = searcher.search(questions[:64], cfg.reader.top_k)
+    return {"b1": time_answers(answerer, questions[:9], 1, cfg.reader.top_k),
+            "b32": time_answers(answerer, questions, 32, cfg.reader.top_k),
+            "block_tokens_median": float(np.median(store.lengths[rows.reshape(-1)])), "k": cfg.reader.top_k}
+
+
+def reference(hf_python: str, n_questions: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "d", "--num-docs", str(N_DOCS),
+               "--qa-questions", str(n_questions), "--threads", "2", "--quiet", "--out", out.name]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return json.loads(Path(out.name).read_text())["openqa"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=64, help="timed questions at batch 32 (after a warm-up batch)")
+    parser.add_argument("--hf-python", default=str(HF_PYTHON))
+    parser.add_argument("--skip-real", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([str(args.hf_python), str(HF_BENCH / "cpu_peak.py"), "--threads", "2", "--out", out.name],
+                       check=True, stdout=subprocess.DEVNULL)
+        peak = json.loads(Path(out.name).read_text())["peak_median_gflops_by_threads"]["2"]
+    ref = reference(args.hf_python, 20)
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+        mine = synthetic(args.questions, Path(tmp))
+        mine_real = None if args.skip_real else real(args.questions)
+    gflop = ref["gflop_per_question"]
+    ratio = mine["b32"]["questions_per_s"] / ref["questions_per_s"]
+    rows = [["HF RealmForOpenQA (part d), batch 1", f"{ref['questions_per_s']:.2f}", f"{ref['median_latency_ms']:.0f}",
+             f"{ref['questions_per_s'] * gflop / peak:.1%}", "1.00"],
+            ["ours, batch 1", f"{mine['b1']['questions_per_s']:.2f}", f"{mine['b1']['median_call_s'] * 1e3:.0f}",
+             f"{mine['b1']['questions_per_s'] * gflop / peak:.1%}",
+             f"{mine['b1']['questions_per_s'] / ref['questions_per_s']:.2f}"],
+            ["ours, batch 32", f"{mine['b32']['questions_per_s']:.2f}", "-",
+             f"{mine['b32']['questions_per_s'] * gflop / peak:.1%}", f"{ratio:.2f}"]]
+    print(f"\nreference work: k = {K}, reader inputs {DOC_LEN + Q_LEN} wordpieces, {gflop:.1f} GFLOP/question; "
+          f"fp32 peak {peak:.0f} GFLOP/s (2 threads)")
+    print(markdown_table(["system", "questions/s", "latency ms (batch 1)", "MFU", "x reference"], rows))
+    figures = {"peak_gflops": peak, "gflop_per_question": gflop, "ref.questions_per_s": ref["questions_per_s"],
+               "ref.latency_ms": ref["median_latency_ms"], "ref.peak_rss_mb": ref["peak_rss_mb"],
+               "ref.foreign_cores": ref["cpu"]["foreign_cores"],
+               **{f"ours.{b}.{k}": v for b in ("b1", "b32") for k, v in mine[b].items()},
+               "ours.question_len_median": mine["question_len_median"],
+               "ours.b32.mfu": mine["b32"]["questions_per_s"] * gflop / peak, "ours.b32.x_reference": ratio,
+               "ours.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if mine_real:
+        print(f"\nreal corpus, default preset (MiniLM reader, k = {mine_real['k']}, median block "
+              f"{mine_real['block_tokens_median']:.0f} wordpieces):")
+        print(markdown_table(["batch", "questions/s", "latency ms"],
+                             [[b["batch"], f"{b['questions_per_s']:.2f}", f"{b['median_call_s'] * 1e3:.0f}"]
+                              for b in (mine_real["b1"], mine_real["b32"])]))
+        figures |= {f"real.{b}.{k}": v for b in ("b1", "b32") for k, v in mine_real[b].items()}
+        figures["real.block_tokens_median"] = mine_real["block_tokens_median"]
+    print(f"\nwrote {write_results('answer_throughput', figures)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Open-domain QA on Open-SQuAD: what the retriever and the pre-training give the reader, on this CPU.
+
+    .venv/bin/python benchmarks/openqa_quality.py [--variants a,b,c,d] [--reuse] [--test-every 3] [--dev-every 5]
+
+Every variant fine-tunes on `train` questions with the same reader recipe and budget (configs/openqa_cpu.toml),
+then answers `dev` and `test` questions open-domain over the whole corpus (k = 5 blocks read):
+  (a) BM25 retriever (fixed) + MiniLM reader
+  (b) ICT retriever (runs/cpu/ict, fixed) + MiniLM reader                          ORQA's retriever, frozen
+  (c) REALM pre-trained retriever (runs/cpu/realm-c, fixed) + reader from REALM's knowledge-augmented encoder
+  (d) the same as (c), the query tower fine-tuned jointly with the reader         the full REALM/ORQA recipe
+The starting runs come from benchmarks/pretrain_quality.py. Reported: EM and F1 on test (and dev), recall@5 of
+the retriever before and after fine-tuning, the wall time of every stage. A strided subset of each split keeps
+the CPU time bounded (every 3rd test question: 869 of 2,607; `--test-every 1` for all). Each variant's figures
+are kept in its run folder, so `--reuse` resumes an interrupted benchmark. Writes
+benchmarks/results/openqa_quality.json.
+"""
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from realm_lm.answer import Answerer
+from realm_lm.config import load_config
+from realm_lm.corpus.questions import load_questions
+from realm_lm.corpus.store import CorpusStore
+from realm_lm.eval.metrics import recall_at_k
+from realm_lm.eval.qa import evaluate_qa
+from realm_lm.report import markdown_table, write_results
+from realm_lm.retrieval import make_searcher, trained_config
+from realm_lm.runtime import setup_runtime
+from realm_lm.train.finetune import main as finetune_main
+
+VARIANTS = {  # key: (label, retriever, init_from, train_query_tower)
+    "a": ("(a) BM25 + reader", "bm25", "", False),
+    "b": ("(b) ICT retriever + reader", "realm", "{runs}/ict", False),
+    "c": ("(c) REALM retriever + REALM encoder as reader", "realm", "{runs}/realm-c", False),
+    "d": ("(d) (c) with the query tower fine-tuned jointly", "realm", "{runs}/realm-c", True),
+}
+
+
+def start_recall(cfg, kind: str, init_from: str, store: CorpusStore, questions: list) -> float:
+    """recall@5 of the retriever a variant starts from, on the same questions."""
+    search_cfg = trained_config(cfg, init_from) if kind == "realm" else cfg
+    _, rows = make_searcher(search_cfg, kind, store).search([q.question for q in questions], 5)
+    return recall_at_k(rows.tolist(), [q.answers for q in questions], store.texts, [5])[5]
+
+
+def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool) -> dict:
+    label, kind, init_from, train_query = VARIANTS[key]
+    init_from = init_from.format(runs=runs)
+    run_dir = Path(runs) / f"qa-{key}"
+    done = run_dir / "openqa_figures.json"
+    if reuse and done.exists():
+        figures = json.loads(done.read_text())
+        if figures.get("splits") == {s: len(q) for s, q in splits.items()} and figures.get("steps") == cfg.finetune.steps:
+            print(f"reusing {run_dir}", flush=True)
+            return figures
+    vcfg = replace(cfg, finetune=replace(cfg.finetune, run_dir=str(run_dir), retriever=kind, init_from=init_from,
+                                         train_query_tower=train_query))
+    figures = {"label": label, "steps": cfg.finetune.steps, "splits": {s: len(q) for s, q in splits.items()}}
+    t0 = time.perf_counter()
+    figures["recall@5_before"] = round(start_recall(cfg, kind, init_from, store, splits["test"]), 4)
+    figures["recall_before_s"] = round(time.perf_counter() - t0, 1)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    history = finetune_main(vcfg)
+    figures["finetune_s"] = round(time.perf_counter() - t0, 1)
+    figures["train_answer_in_top5"] = round(sum(h["answer_in_topk"] for h in history) / len(history), 4)
+    figures["loss_first10"] = round(sum(h["loss"] for h in history[:10]) / 10, 3)
+    figures["loss_last10"] = round(sum(h["loss"] for h in history[-10:]) / 10, 3)
+    answerer = Answerer.from_run(cfg, run_dir, store)
+    for split, questions in splits.items():
+        result = evaluate_qa(answerer, questions, run_dir / f"predictions-{split}.jsonl")
+        figures |= {f"{split}.{k}": v for k, v in result.items()}
+    done.write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures), flush=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/openqa_cpu.toml")
+    parser.add_argument("--variants", default="a,b,c,d")
+    parser.add_argument("--runs", default="runs/cpu", help="where the ICT / REALM runs are, and the QA runs go")
+    parser.add_argument("--test-every", type=int, default=3)
+    parser.add_argument("--dev-every", type=int, default=5)
+    parser.add_argument("--reuse", action="store_true", help="keep variants whose figures are already in their run folder")
+    parser.add_argument("--set", action="append", default=[], help="override of the preset")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.set)
+    setup_runtime(cfg)
+    store = CorpusStore(cfg.corpus.store)
+    splits = {"dev": load_questions(cfg.eval.squad, "dev")[::args.dev_every],
+              "test": load_questions(cfg.eval.squad, "test")[::args.test_every]}
+    results = {key: run_variant(cfg, key, args.runs, splits, store, args.reuse) for key in args.variants.split(",")}
+    rows = [[f["label"], f"{f['test.em']:.1f}", f"{f['test.f1']:.1f}", f"{f['dev.em']:.1f}",
+             f"{f['recall@5_before']:.3f}", f"{f['test.recall@5']:.3f}", f"{f['finetune_s']:.0f}",
+             f"{f['test.seconds']:.0f}"] for f in results.values()]
+    print(f"\n{cfg.finetune.steps} steps x {cfg.finetune.batch_size} train questions; test: {len(splits['test'])} "
+          f"questions (every {args.test_every}th), dev: {len(splits['dev'])} (every {args.dev_every}th)")
+    print(markdown_table(["variant", "test EM", "test F1", "dev EM", "test R@5 before", "test R@5 after",
+                          "fine-tune s", "test answer s"], rows))
+    flat = {f"{key}.{k}": v for key, f in results.items() for k, v in f.items() if not isinstance(v, dict)}
+    print(f"\nwrote {write_results('openqa_quality', flat)}")
+
+
+if __name__ == "__main__":
+    main()
