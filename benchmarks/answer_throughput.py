@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from realm_lm.answer import Answerer
+from realm_lm.answer import Answerer, quantize_int8
 from realm_lm.config import ReaderConfig, load_config
 from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore, write_store
@@ -101,8 +101,11 @@ def synthetic(n_questions: int, workdir: Path) -> dict:
     answerer = Answerer(searcher, reader, reader_cfg, tok, dense=True)
     questions = [" ".join(rng.choice(words, size=Q_LEN - 2)) for _ in range(n_questions + 32)]
     lengths = [len(e.ids) + 2 for e in tok.encode_batch(questions[:64], add_special_tokens=False)]
-    return {"b1": time_answers(answerer, questions[:17], 1, K), "b32": time_answers(answerer, questions, 32, K),
-            "question_len_median": float(np.median(lengths))}
+    out = {"b1": time_answers(answerer, questions[:17], 1, K), "b32": time_answers(answerer, questions, 32, K),
+           "question_len_median": float(np.median(lengths))}
+    answerer.reader = quantize_int8(reader)
+    out["int8_b32"] = time_answers(answerer, questions, 32, K)
+    return out
 
 
 def real(n_questions: int) -> dict:
@@ -150,14 +153,16 @@ def main() -> None:
              f"{mine['b1']['questions_per_s'] * gflop / peak:.1%}",
              f"{mine['b1']['questions_per_s'] / ref['questions_per_s']:.2f}"],
             ["ours, batch 32", f"{mine['b32']['questions_per_s']:.2f}", "-",
-             f"{mine['b32']['questions_per_s'] * gflop / peak:.1%}", f"{ratio:.2f}"]]
+             f"{mine['b32']['questions_per_s'] * gflop / peak:.1%}", f"{ratio:.2f}"],
+            ["ours, batch 32, reader in dynamic int8", f"{mine['int8_b32']['questions_per_s']:.2f}", "-", "-",
+             f"{mine['int8_b32']['questions_per_s'] / ref['questions_per_s']:.2f}"]]
     print(f"\nreference work: k = {K}, reader inputs {DOC_LEN + Q_LEN} wordpieces, {gflop:.1f} GFLOP/question; "
           f"fp32 peak {peak:.0f} GFLOP/s (2 threads)")
     print(markdown_table(["system", "questions/s", "latency ms (batch 1)", "MFU", "x reference"], rows))
     figures = {"peak_gflops": peak, "gflop_per_question": gflop, "ref.questions_per_s": ref["questions_per_s"],
                "ref.latency_ms": ref["median_latency_ms"], "ref.peak_rss_mb": ref["peak_rss_mb"],
                "ref.foreign_cores": ref["cpu"]["foreign_cores"],
-               **{f"ours.{b}.{k}": v for b in ("b1", "b32") for k, v in mine[b].items()},
+               **{f"ours.{b}.{k}": v for b in ("b1", "b32", "int8_b32") for k, v in mine[b].items()},
                "ours.question_len_median": mine["question_len_median"],
                "ours.b32.mfu": mine["b32"]["questions_per_s"] * gflop / peak, "ours.b32.x_reference": ratio,
                "ours.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -48,7 +48,7 @@ def start_recall(cfg, kind: str, init_from: str, store: CorpusStore, questions: 
     return recall_at_k(rows.tolist(), [q.answers for q in questions], store.texts, [5])[5]
 
 
-def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool) -> dict:
+def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool, int8: bool) -> dict:
     label, kind, init_from, train_query = VARIANTS[key]
     init_from = init_from.format(runs=runs)
     run_dir = Path(runs) / f"qa-{key}"
@@ -75,6 +75,10 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
     for split, questions in splits.items():
         result = evaluate_qa(answerer, questions, run_dir / f"predictions-{split}.jsonl")
         figures |= {f"{split}.{k}": v for k, v in result.items()}
+    if int8:  # the same run answering with its reader in dynamic int8: the effect on exact match
+        answerer = Answerer.from_run(replace(cfg, reader=replace(cfg.reader, int8=True)), run_dir, store)
+        result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-int8.jsonl")
+        figures |= {f"test_int8.{k}": v for k, v in result.items()}
     done.write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures), flush=True)
     return figures
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/cpu", help="where the ICT / REALM runs are, and the QA runs go")
     parser.add_argument("--test-every", type=int, default=3)
     parser.add_argument("--dev-every", type=int, default=5)
+    parser.add_argument("--int8", default="d", help="variants also evaluated on test with the reader in dynamic int8")
     parser.add_argument("--reuse", action="store_true", help="keep variants whose figures are already in their run folder")
     parser.add_argument("--set", action="append", default=[], help="override of the preset")
     args = parser.parse_args()
@@ -95,7 +100,8 @@ def main() -> None:
     store = CorpusStore(cfg.corpus.store)
     splits = {"dev": load_questions(cfg.eval.squad, "dev")[::args.dev_every],
               "test": load_questions(cfg.eval.squad, "test")[::args.test_every]}
-    results = {key: run_variant(cfg, key, args.runs, splits, store, args.reuse) for key in args.variants.split(",")}
+    results = {key: run_variant(cfg, key, args.runs, splits, store, args.reuse, key in args.int8.split(","))
+               for key in args.variants.split(",")}
     rows = [[f["label"], f"{f['test.em']:.1f}", f"{f['test.f1']:.1f}", f"{f['dev.em']:.1f}",
              f"{f['recall@5_before']:.3f}", f"{f['test.recall@5']:.3f}", f"{f['finetune_s']:.0f}",
              f"{f['test.seconds']:.0f}"] for f in results.values()]
@@ -103,6 +109,10 @@ def main() -> None:
           f"questions (every {args.test_every}th), dev: {len(splits['dev'])} (every {args.dev_every}th)")
     print(markdown_table(["variant", "test EM", "test F1", "dev EM", "test R@5 before", "test R@5 after",
                           "fine-tune s", "test answer s"], rows))
+    for key, f in results.items():
+        if "test_int8.em" in f:
+            print(f"{f['label']}: reader in dynamic int8: test EM {f['test_int8.em']:.1f} (fp32 {f['test.em']:.1f}), "
+                  f"{f['test_int8.questions_per_s']:.2f} vs {f['test.questions_per_s']:.2f} questions/s")
     flat = {f"{key}.{k}": v for key, f in results.items() for k, v in f.items() if not isinstance(v, dict)}
     print(f"\nwrote {write_results('openqa_quality', flat)}")
 

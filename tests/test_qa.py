@@ -234,6 +234,8 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
     assert realm("ask", "Who built Aldermoor?", "--from", run, "-n", "2") == 0
     out = capsys.readouterr().out
     assert "Q: Who built Aldermoor?" in out and "p=" in out and ">>" in out
+    assert realm("ask", "Who built Aldermoor?", "--from", run, extra=["reader.int8=true"]) == 0  # int8 reader
+    assert "p=" in capsys.readouterr().out
 
     # corpus swap: a new store, the same model, its own index; nothing retrained
     other = tmp_path / "other.jsonl"

@@ -79,6 +79,15 @@ def load_reader(run_dir: str | Path) -> tuple[Reader, RunConfig]:
     return reader.eval(), run_cfg
 
 
+def quantize_int8(reader: Reader) -> Reader:
+    """Dynamic int8 for every linear layer (weights int8 per tensor, activations quantised on the fly)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks torch.ao quantization deprecated (torchao); it works in 2.13
+        return torch.ao.quantization.quantize_dynamic(reader, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class BlockOffsets:
     """Character offsets of a block's body wordpieces, so that a span of wordpieces becomes a span of its text.
     The stored ids are checked against a fresh encoding of the stored text; if they ever differ, the span's text
@@ -122,7 +131,10 @@ class Answerer:
         store = store or CorpusStore(cfg.corpus.store)
         kind = run_cfg.finetune.retriever
         searcher = make_searcher(trained_config(cfg, run_dir) if kind == "realm" else cfg, kind, store)
-        reader_cfg = replace(run_cfg.reader, top_k=cfg.reader.top_k, batch_questions=cfg.reader.batch_questions)
+        reader_cfg = replace(run_cfg.reader, top_k=cfg.reader.top_k, batch_questions=cfg.reader.batch_questions,
+                             int8=cfg.reader.int8)
+        if reader_cfg.int8:
+            reader = quantize_int8(reader)
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
         return cls(searcher, reader, reader_cfg, tok, dense=kind == "realm")
 
