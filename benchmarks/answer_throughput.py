@@ -20,7 +20,6 @@ import resource
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +65,8 @@ class SyntheticSearcher:
 
 
 def time_answers(answerer: Answerer, questions: list[str], batch: int, k: int) -> dict:
-    """Median seconds per call of `answer` on ``batch`` questions (one warm-up call first)."""
-    answerer.reader_cfg = replace(answerer.reader_cfg, batch_questions=batch)
+    """Median seconds per call of `answer` on ``batch`` questions (one warm-up call first); one retrieval for the
+    call, the reader reading ``reader.batch_questions`` questions per forward."""
     calls = [questions[i:i + batch] for i in range(0, len(questions) - batch + 1, batch)]
     answerer.answer(calls[0], k=k)  # warm-up
     times = []

@@ -116,7 +116,7 @@ class ReaderConfig:
     question_len: int = 64  # wordpieces of the question kept
     span_hidden: int = 256  # hidden size of the span scorer
     max_span_len: int = 10  # wordpieces per answer span
-    batch_questions: int = 16  # questions per forward pass at inference
+    batch_questions: int = 4  # questions per reader forward at inference (4 x k rows: the fastest size on a 2-core CPU)
     int8: bool = False  # inference only: the reader's linear layers in dynamic int8 (faster on CPU; see answer_throughput)
 
 
