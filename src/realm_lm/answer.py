@@ -8,7 +8,6 @@ probability sums the pairs whose text normalises to the same string.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from realm_lm.config import ReaderConfig, RunConfig, config_from_dict
+from realm_lm.config import ReaderConfig, RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.eval.metrics import normalize_answer
 from realm_lm.models.embedder import load_bert
@@ -49,13 +48,6 @@ class Response:
     question: str
     answers: list[Answer]  # most probable first
     hits: list[Hit]  # the retrieved blocks, in rank order
-
-
-def run_config(run_dir: str | Path) -> RunConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run folder (no config.json)")
-    return config_from_dict(json.loads(path.read_text()))
 
 
 def load_reader(run_dir: str | Path) -> tuple[Reader, RunConfig]:

@@ -8,6 +8,7 @@ the wrong type. Every artifact stores the resolved config (:func:`config_to_dict
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -265,3 +266,11 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: convert(x) for k, x in v.items()}
         return v
     return convert(dataclasses.asdict(cfg))
+
+
+def run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config a training run saved beside its checkpoints."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run folder (no config.json)")
+    return config_from_dict(json.loads(path.read_text()))

@@ -6,7 +6,6 @@ corpus store; :func:`make_searcher` builds any of them from a run config.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from realm_lm.config import RunConfig, config_from_dict
+from realm_lm.config import RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import build_index
 from realm_lm.index.versioned import latest_version, load_index
@@ -127,7 +126,7 @@ def trained_config(cfg: RunConfig, run_dir: str | Path) -> RunConfig:
     corpus_hash = CorpusStore(cfg.corpus.store).corpus_hash
     embedder = cfg.embedder
     if (Path(run_dir) / "config.json").is_file():  # the run's own towers: pooling, sharing, query length
-        embedder = config_from_dict(json.loads((Path(run_dir) / "config.json").read_text())).embedder
+        embedder = run_config(run_dir).embedder
     return replace(cfg, embedder=replace(embedder, checkpoint=str(run_dir)),
                    index=replace(cfg.index, dir=str(Path(run_dir) / f"eval-index-{corpus_hash[:12]}")))
 

@@ -93,3 +93,14 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
             per_param.setdefault(int(idx), {})[name] = torch.tensor(value)
         opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
     return state
+
+
+def truncate_metrics_log(run_dir: str | Path, step: int) -> None:
+    """On resume, drop the metrics lines of steps after the checkpoint (they are redone), atomically."""
+    log = Path(run_dir) / "metrics.jsonl"
+    if not log.exists():
+        return
+    kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = log.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(log)

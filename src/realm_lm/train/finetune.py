@@ -29,7 +29,8 @@ from realm_lm.models.embedder import Retriever, build_retriever, load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
-from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+                                       truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, gold_span_mask, question_ids, reader_batch
 from realm_lm.train.pretrain import linear_schedule
 
@@ -113,12 +114,7 @@ class FinetuneRecipe:
             self.step = state["step"]
             self.sched = linear_schedule(self.opt, warmup, f.steps, done=self.step)
             set_rng_state(state["rng"])
-            log = self.run_dir / "metrics.jsonl"
-            if log.exists():  # the steps after the checkpoint are redone, so their lines go
-                kept = [x for x in log.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= self.step]
-                tmp = log.with_name(".metrics.jsonl.tmp")
-                tmp.write_text("".join(x + "\n" for x in kept))
-                tmp.replace(log)
+            truncate_metrics_log(self.run_dir, self.step)
             print(f"resumed from {ckpt} at step {self.step}")
         elif (self.run_dir / "metrics.jsonl").exists():
             (self.run_dir / "metrics.jsonl").unlink()

@@ -24,7 +24,8 @@ from realm_lm.models.embedder import Retriever, build_retriever, load_bert
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.train import distributed
-from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+                                       truncate_metrics_log)
 from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
                                  pad_rows)
 
@@ -117,12 +118,8 @@ class PretrainRecipe:
         self.step = state["step"]
         self.sched = linear_schedule(self.opt, warmup_steps(self.cfg), self.cfg.pretrain.steps, done=self.step)
         set_rng_state(state["rng"])
-        log = self.run_dir / "metrics.jsonl"
-        if log.exists() and distributed.is_main():  # the steps after the checkpoint are redone, so their lines go
-            kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
-            tmp = log.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(log)
+        if distributed.is_main():
+            truncate_metrics_log(self.run_dir, self.step)
         print(f"resumed from {ckpt} at step {self.step}")
 
     # -- one step -----------------------------------------------------------------------------------------
