@@ -75,8 +75,8 @@ class FinetuneRecipe:
     def setup(self, resume: bool = False, progress: bool = True) -> None:
         cfg, f, r = self.cfg, self.cfg.finetune, self.cfg.reader
         self.store = CorpusStore(cfg.corpus.store)
-        model_dir = resolve_model_dir(cfg.embedder.model)
-        self.tok = load_tokenizer(model_dir)
+        self.model_dir = resolve_model_dir(cfg.embedder.model)
+        self.tok = load_tokenizer(self.model_dir)
         self.special = SpecialIds(self.tok)
         self.questions = training_questions(cfg)
         self.pieces = [answer_pieces(self.tok, q.answers) for q in self.questions]
@@ -155,7 +155,7 @@ class FinetuneRecipe:
         questions = [self.questions[i].question for i in idx]
         k = r.top_k
         if self.dense:
-            q_ids, q_mask = encode_queries(questions, resolve_model_dir(self.cfg.embedder.model), self.query_len)
+            q_ids, q_mask = encode_queries(questions, self.model_dir, self.query_len)
             q = model.retriever.query(q_ids, q_mask)  # [B, D]
             _, rows = self.index.search(q.detach().float().numpy(), k)  # [B, k] from the fixed index
             blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32)).view(*rows.shape, -1)
