@@ -130,7 +130,9 @@ class FinetuneConfig:
     questions: str = ""  # SQuAD JSON or JSONL {"question", "answers"}; "" = the Open-SQuAD train split of eval.squad
     max_questions: int = 0  # use only the first N training questions (0: all)
     steps: int = 300
-    batch_size: int = 8  # questions per step (each reads top_k blocks)
+    batch_size: int = 8  # questions per step
+    reader_blocks: int = 0  # blocks the reader reads per question while training: the best-ranked one with an
+    # answer + the highest-ranked others (DPR's sampling; cuts the cost on a CPU); 0 = all top_k (ORQA / REALM)
     lr: float = 1e-5  # ORQA / REALM
     head_lr_scale: float = 10.0  # the span scorer is newly initialised: it learns at lr * this
     warmup_steps: int = -1  # -1: steps / 10

@@ -151,7 +151,8 @@ def answer_pieces(tok, answers: list[str] | tuple[str, ...]) -> list[np.ndarray]
 def gold_span_mask(batch: ReaderBatch, pieces: list[list[np.ndarray]], k: int, max_width: int,
                    starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """[Q, K, S] True for the enumerated spans (``starts``, ``ends``: [S]) whose wordpieces equal a gold answer's,
-    inside the body and at most ``max_width`` long. ``pieces``: per question, its answers' wordpiece sequences."""
+    inside the body, on word boundaries and at most ``max_width`` long (an answer cut inside a word is no answer).
+    ``pieces``: per question, its answers' wordpiece sequences."""
     ids = batch.input_ids.numpy()
     block = batch.block_mask.numpy()
     n, width = ids.shape
@@ -167,4 +168,22 @@ def gold_span_mask(batch: ReaderBatch, pieces: list[list[np.ndarray]], k: int, m
                 continue
             windows = np.lib.stride_tricks.sliding_window_view(ids[i, lo:hi], m)  # [hi - lo - m + 1, m]
             gold[i, lo + np.nonzero((windows == seq).all(-1))[0], m - 1] = True
-    return torch.from_numpy(gold)[:, starts, ends - starts].view(n // k, k, -1)  # [Q, K, S]
+    on_words = batch.start_ok[:, starts] & batch.end_ok[:, ends]  # [N, S]
+    return (torch.from_numpy(gold)[:, starts, ends - starts] & on_words).view(n // k, k, -1)  # [Q, K, S]
+
+
+def blocks_to_read(has_answer: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which retrieved blocks the reader reads while training. has_answer: [Q, K] bool. Only questions with an
+    answer among their blocks are read (the loss drops the others anyway); each reads its best-ranked block
+    holding an answer and the highest-ranked others, ``n`` blocks in all (0: all K).
+    Returns the questions read [Q'] and, for each, its blocks' ranks in rank order [Q', n]."""
+    questions = np.nonzero(has_answer.any(-1))[0]  # [Q']
+    k = has_answer.shape[1]
+    if n <= 0 or n >= k:
+        return questions, np.tile(np.arange(k), (len(questions), 1))
+    ranks = np.empty((len(questions), n), dtype=np.int64)
+    for i, q in enumerate(questions):
+        first = int(np.argmax(has_answer[q]))  # best-ranked block with an answer
+        others = [j for j in range(k) if j != first][:n - 1]
+        ranks[i] = sorted([first, *others])
+    return questions, ranks

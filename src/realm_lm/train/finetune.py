@@ -1,7 +1,8 @@
 """`realm finetune`: open-domain QA fine-tuning (ORQA / REALM). The block index stays fixed (the document tower
 is frozen); the query tower and an extractive span reader are trained on
 -log sum_{(z, span) matching a gold answer} p(z|x) p(span|z,x)  +  -log sum_{z containing an answer} p(z|x),
-each term dropped for a question whose retrieved blocks hold no answer."""
+each term dropped for a question whose retrieved blocks hold no answer. The reader reads only the questions with
+an answer among their blocks and, with ``finetune.reader_blocks``, only some of their blocks."""
 
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
 from realm_lm.models.embedder import Retriever, build_retriever, load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
-from realm_lm.models.reader import Reader
+from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
-from realm_lm.train.data import answer_pieces, gold_span_mask, question_ids, reader_batch
+from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
 from realm_lm.train.pretrain import linear_schedule
 
 RETRIEVERS = ("realm", "bm25")
@@ -163,22 +164,31 @@ class FinetuneRecipe:
         else:
             rows = self.bm25_rows[idx]
             retrieval_logits = torch.zeros(len(idx), k)  # BM25 scores are not on the reader's scale
-        batch = reader_batch(self.store, question_ids(self.tok, questions, self.special, r.question_len), rows,
-                             self.tok, self.special, r.max_len)
-        spans = model.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
-                                   batch.end_ok)
-        span_logits = spans.logits.view(len(idx), k, -1)  # [B, k, S]
-        gold = gold_span_mask(batch, [self.pieces[i] for i in idx], k, r.max_span_len, spans.starts, spans.ends)
-        gold &= spans.allowed.view_as(gold)  # an answer cut inside a word is no answer  [B, k, S]
-        has_answer = gold.any(-1)  # [B, k]
-        reader_loss = reader_marginal_nll(span_logits, retrieval_logits, gold)
+        asked = question_ids(self.tok, questions, self.special, r.question_len)
+        pieces = [self.pieces[i] for i in idx]
+        # where the answers are is known from the wordpieces alone: only then is the reader run, on what it must read
+        everything = reader_batch(self.store, asked, rows, self.tok, self.special, r.max_len)
+        starts, ends = enumerate_spans(everything.input_ids.shape[1], r.max_span_len)
+        has_answer = gold_span_mask(everything, pieces, k, r.max_span_len, starts, ends).any(-1)  # [B, k]
         retriever_loss = retriever_marginal_nll(retrieval_logits, has_answer)
+        read_q, read_ranks = blocks_to_read(has_answer.numpy(), self.cfg.finetune.reader_blocks)  # [B'], [B', n]
+        reader_loss, top_correct = retrieval_logits.new_zeros(()), torch.zeros(())
+        if len(read_q):
+            n = read_ranks.shape[1]
+            batch = reader_batch(self.store, [asked[i] for i in read_q], rows[read_q[:, None], read_ranks],
+                                 self.tok, self.special, r.max_len)
+            spans = model.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
+                                 batch.end_ok)
+            span_logits = spans.logits.view(len(read_q), n, -1)  # [B', n, S]
+            gold = gold_span_mask(batch, [pieces[i] for i in read_q], n, r.max_span_len, spans.starts, spans.ends)
+            read_logits = retrieval_logits[torch.from_numpy(read_q)[:, None], torch.from_numpy(read_ranks)]  # [B', n]
+            reader_loss = reader_marginal_nll(span_logits, read_logits, gold)
+            with torch.no_grad():
+                joint = (span_logits + read_logits[:, :, None]).flatten(1)  # [B', n*S]
+                top_correct = gold.flatten(1).gather(1, joint.argmax(-1, keepdim=True)).float().mean()
         loss = reader_loss + self.cfg.finetune.retriever_loss_weight * retriever_loss if self.dense else reader_loss
-        with torch.no_grad():
-            joint = (span_logits + retrieval_logits[:, :, None]).flatten(1)  # [B, k*S]
-            top_correct = gold.flatten(1).gather(1, joint.argmax(-1, keepdim=True)).float()  # [B, 1]
         return {"loss": loss, "reader_loss": reader_loss, "retriever_loss": retriever_loss,
-                "answer_in_topk": has_answer.any(-1).float().mean(), "top_span_correct": top_correct.mean()}
+                "answer_in_topk": has_answer.any(-1).float().mean(), "top_span_correct": top_correct}
 
     def batch_indices(self) -> np.ndarray:
         """Questions of this step: epochs of a seeded permutation (a function of the step, so resume is exact)."""
