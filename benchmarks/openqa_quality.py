@@ -10,8 +10,8 @@ then answers `dev` and `test` questions open-domain over the whole corpus (k = 5
   (d) the same as (c), the query tower fine-tuned jointly with the reader         the full REALM/ORQA recipe
 The starting runs come from benchmarks/pretrain_quality.py. Reported: EM and F1 on test (and dev), recall@5 of
 the retriever before and after fine-tuning, the wall time of every stage. A strided subset of each split keeps
-the CPU time bounded (every 6th test question: 435 of 2,607, every 20th dev question: 101; `--test-every 1` for all). Each variant's figures
-are kept in its run folder, so `--reuse` resumes an interrupted benchmark. Writes
+the CPU time bounded (every 6th test question: 435 of 2,607, every 20th dev question: 101; `--test-every 1` for
+all). Each variant's figures are kept in its run folder, so `--reuse` resumes an interrupted benchmark. Writes
 benchmarks/results/openqa_quality.json.
 """
 

@@ -147,12 +147,15 @@ def test_gold_spans_are_found_where_the_answer_is(tiny_store):
 def test_gold_spans_lie_on_word_boundaries(tiny_store):
     tok = load_tokenizer(FIXTURES / "tiny-bert")
     special = SpecialIds(tok)
-    batch = reader_batch(tiny_store, question_ids(tok, ["who"], special, 8), np.array([[0]]), tok, special, max_len=64)
+    for row in range(len(tiny_store)):  # the first block with a split word
+        batch = reader_batch(tiny_store, question_ids(tok, ["who"], special, 8), np.array([[row]]), tok, special,
+                             max_len=64)
+        body = batch.input_ids[0][batch.block_mask[0]].tolist()
+        cut = next((i for i in range(1, len(body)) if tok.id_to_token(body[i]).startswith("##")), None)
+        if cut is not None:
+            break
+    assert cut is not None, "the tiny corpus has no split word"
     starts, ends = enumerate_spans(batch.input_ids.shape[1], 4)
-    body = batch.input_ids[0][batch.block_mask[0]].tolist()
-    cut = next((i for i in range(1, len(body)) if tok.id_to_token(body[i]).startswith("##")), None)
-    if cut is None:
-        pytest.skip("no split word in the first tiny block")
     inside_word = [np.asarray(body[cut - 1:cut], dtype=np.int64)]  # the head of a split word, alone: not an answer
     assert not gold_span_mask(batch, [inside_word], 1, 4, starts, ends).any()
 

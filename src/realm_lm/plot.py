@@ -14,7 +14,7 @@ PANELS = {  # metric key -> panel title; panels whose key the log lacks are skip
     "reader_loss": "reader loss (-log p of the gold spans)",
     "retriever_loss": "retriever loss (-log p of the blocks with an answer)",
     "answer_in_topk": "questions with an answer in the top-k blocks",
-    "top_span_correct": "best span is a gold answer (training batch)",
+    "top_span_correct": "best span is a gold answer (questions read, training batch)",
 }
 
 
