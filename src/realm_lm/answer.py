@@ -22,6 +22,7 @@ from realm_lm.eval.metrics import normalize_answer
 from realm_lm.models.embedder import load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
+from realm_lm.runtime import autocast, resolve_device
 from realm_lm.retrieval import Hit, Searcher, check_question, hits_of, make_searcher, trained_config
 from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint
 from realm_lm.train.data import ReaderBatch, question_ids, reader_batch, title_and_body
@@ -106,8 +107,9 @@ class Answerer:
     """A retriever (any :class:`~realm_lm.retrieval.Searcher` over ``store``) and a span reader."""
 
     def __init__(self, searcher: Searcher, reader: Reader, reader_cfg: ReaderConfig, tok, dense: bool,
-                 top_k: int | None = None):
+                 top_k: int | None = None, precision: str = "fp32"):
         self.searcher, self.reader, self.reader_cfg = searcher, reader.eval(), reader_cfg
+        self.precision = precision  # of the reader's forward pass (runtime.precision)
         self.store = searcher.store
         self.dense = dense  # dense scores are retrieval logits; BM25's are not on the reader's scale
         self.top_k = top_k or reader_cfg.top_k
@@ -125,10 +127,13 @@ class Answerer:
         searcher = make_searcher(trained_config(cfg, run_dir) if kind == "realm" else cfg, kind, store)
         reader_cfg = replace(run_cfg.reader, top_k=cfg.reader.top_k, batch_questions=cfg.reader.batch_questions,
                              int8=cfg.reader.int8)
+        device = resolve_device(cfg.runtime)
         if reader_cfg.int8:
+            if device.type != "cpu":
+                raise ValueError("reader.int8 is a CPU path (dynamic int8 linear layers): set runtime.device = \"cpu\"")
             reader = quantize_int8(reader)
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
-        return cls(searcher, reader, reader_cfg, tok, dense=kind == "realm")
+        return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=cfg.runtime.precision)
 
     def retrieve(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval logits [Q, k] (zeros for BM25: its scores are not on the reader's scale) and rows [Q, k]."""
@@ -150,13 +155,15 @@ class Answerer:
             q_ids = question_ids(self.tok, chunk, self.special, r.question_len)
             batch = reader_batch(self.store, q_ids, rows[start:start + len(chunk)], self.tok,
                                  self.special, r.max_len)
-            spans = self.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
-                                   batch.end_ok)
-            span_logits = spans.logits.view(len(chunk), k, -1)  # [Q, K, S]
+            with autocast(self.reader.device, self.precision):
+                spans = self.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
+                                    batch.end_ok)
+            span_logits = spans.logits.view(len(chunk), k, -1).cpu()  # [Q, K, S]
+            starts, ends = spans.starts.cpu(), spans.ends.cpu()
             for i, question in enumerate(chunk):
                 qi = start + i
-                answers = self.decode(batch, i, k, span_logits[i], torch.from_numpy(logits[qi]), spans.starts,
-                                      spans.ends, top_n)
+                answers = self.decode(batch, i, k, span_logits[i], torch.from_numpy(logits[qi]), starts, ends,
+                                      top_n)
                 out.append(Response(question, answers, hits_of(self.store, logits[qi], rows[qi])))
         return out
 

@@ -20,6 +20,7 @@ from realm_lm.index.build import build_index
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.runtime import autocast, resolve_device
 
 RETRIEVERS = ("realm", "minilm-mean", "bm25")
 MAX_QUESTION_CHARS = 2000
@@ -76,7 +77,7 @@ def embed_questions(embedder: Embedder, questions: Sequence[str], model_dir: Pat
     out = []
     for start in tqdm(range(0, len(questions), batch), desc="embedding questions", disable=not progress):
         ids, mask = encode_queries(questions[start:start + batch], model_dir, max_len)
-        out.append(embedder(ids, mask).float().numpy())
+        out.append(embedder(ids, mask).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)  # [Q, D]
 
 
@@ -88,11 +89,12 @@ class DenseSearcher:
         self.store = store or CorpusStore(cfg.corpus.store)
         self.index, self.manifest = load_index(cfg.index.dir, self.store, cfg=cfg.index)
         self.model_dir = resolve_model_dir(cfg.embedder.model)
-        self.embedder = build_retriever(cfg.embedder).query
+        self.embedder = build_retriever(cfg.embedder).query.to(resolve_device(cfg.runtime))
 
     def search(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        q = embed_questions(self.embedder, [check_question(x) for x in questions], self.model_dir,
-                            self.cfg.embedder.max_query_len, progress=progress)
+        with autocast(self.embedder.device, self.cfg.runtime.precision):
+            q = embed_questions(self.embedder, [check_question(x) for x in questions], self.model_dir,
+                                self.cfg.embedder.max_query_len, progress=progress)
         return self.index.search(q, k)
 
 

@@ -1,12 +1,16 @@
-"""Process-wide settings made once at start-up: thread count and quiet library logging."""
+"""Process-wide settings made once at start-up (thread count, quiet library logging) and where the tensors live:
+the device and the numeric precision of the models' forward passes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-from realm_lm.config import RunConfig
+from realm_lm.config import RunConfig, RuntimeConfig
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def setup_runtime(cfg: RunConfig) -> None:
@@ -15,3 +19,21 @@ def setup_runtime(cfg: RunConfig) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # "weights not used: pooler.*" is expected: REALM projects [CLS] itself
+
+
+def resolve_device(runtime: RuntimeConfig) -> torch.device:
+    """``runtime.device`` as a torch device; "auto" is the first GPU when torch sees one, else the CPU."""
+    if runtime.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(runtime.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device = {runtime.device!r} but torch sees no GPU "
+                           f"(torch {torch.__version__}); use \"auto\" or \"cpu\"")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward passes' precision: fp32 as is, or bf16 autocast (weights and optimizer stay fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"runtime.precision must be one of {PRECISIONS}, not {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

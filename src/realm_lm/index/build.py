@@ -16,6 +16,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.backends import make_index
 from realm_lm.index.versioned import block_ids_hash, find_embeddings, publish
 from realm_lm.models.embedder import Embedder, build_retriever, weights_hash
+from realm_lm.runtime import autocast, resolve_device
 
 
 def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]:
@@ -45,7 +46,7 @@ def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_
             width = int(lengths[rows].max())
             ids = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).long()  # [B, W]
             mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[rows])[:, None]).long()  # [B, W]
-            out[rows] = embedder(ids, mask).float().numpy()
+            out[rows] = embedder(ids, mask).float().cpu().numpy()
             bar.update(len(rows))
     return out
 
@@ -60,10 +61,11 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
                 doc_embedder: Embedder | None = None, store: CorpusStore | None = None,
                 reuse_from: tuple[str | Path, ...] = ()) -> str:
     """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes) and publish a
-    new version to ``cfg.index.dir``. Embeddings of the same corpus, weights and pooling are reused from that
+    new version to ``cfg.index.dir``. A given tower embeds where it lies; the default one on ``cfg.runtime``'s
+    device. Embeddings of the same corpus, weights and pooling are reused from that
     folder or from the ``reuse_from`` index folders (a fine-tuning run reuses its starting run's index)."""
     store = store or CorpusStore(cfg.corpus.store)
-    doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc
+    doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
     doc_hash = weights_hash(doc_embedder)
     key = embedding_key(store.corpus_hash, doc_hash, cfg)
     t0 = time.perf_counter()
@@ -73,8 +75,9 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
             embeddings = find_embeddings(folder, key)
     reused = embeddings is not None
     if embeddings is None:
-        embeddings = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
-                                progress=progress)
+        with autocast(doc_embedder.device, cfg.runtime.precision):
+            embeddings = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
+                                    progress=progress)
     embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     index = make_index(cfg.index)

@@ -28,6 +28,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.backends import Index
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
+from realm_lm.runtime import resolve_device
 
 REFRESH_MODES = ("async", "sync", "never")
 
@@ -161,6 +162,7 @@ def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int) -> str:
     torch.set_num_threads(cfg.refresh.threads)
     doc = build_retriever(replace(cfg.embedder, checkpoint="")).doc
     load_model(doc, str(snapshot))
+    doc.to(resolve_device(cfg.runtime))
     return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc)
 
 

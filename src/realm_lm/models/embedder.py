@@ -33,12 +33,18 @@ class Embedder(nn.Module):
             self.norm = nn.LayerNorm(proj_dim)
         self.dim = proj_dim if pooling == "cls-proj" else hidden
 
+    @property
+    def device(self) -> torch.device:
+        return self.bert.embeddings.word_embeddings.weight.device
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # input_ids, attention_mask: [B, L]
+        # input_ids, attention_mask: [B, L], moved to the tower's device here (batches are built on the CPU)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # [B, L, H]
         if self.pooling == "cls-proj":
-            return self.norm(self.proj(h[:, 0]))  # [B, D]
+            return self.norm(self.proj(h[:, 0])).float()  # [B, D]; fp32 under bf16 autocast too: scores need it
+        h = h.float()
         mask = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
         mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
         return nn.functional.normalize(mean, dim=-1)  # all-MiniLM-L6-v2 is trained on normalised means

@@ -36,8 +36,11 @@ class KnowledgeEncoder(nn.Module):
         """log p(v | query, block) over the vocabulary at the masks only: [N, M, V] for N (query, block) pairs.
 
         input_ids, attention_mask, token_type_ids: [N, L]; mask_positions: [N, M] (padding slots point at 0;
-        the caller masks them out).
+        the caller masks them out). Inputs move to the encoder's device.
         """
+        device = self.bert.embeddings.word_embeddings.weight.device
+        input_ids, attention_mask, token_type_ids, mask_positions = (
+            t.to(device) for t in (input_ids, attention_mask, token_type_ids, mask_positions))
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
         at_masks = h.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [N, M, H]

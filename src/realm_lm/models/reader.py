@@ -24,10 +24,10 @@ class SpanScores:
     allowed: torch.Tensor  # [N, S] bool: inside the block, within the width limit
 
 
-def enumerate_spans(length: int, max_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def enumerate_spans(length: int, max_width: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """All (start, end) with end - start < max_width and end < length: two [S] tensors."""
-    starts = torch.arange(length).repeat_interleave(max_width)  # [L*W]
-    ends = starts + torch.arange(max_width).repeat(length)  # [L*W]
+    starts = torch.arange(length, device=device).repeat_interleave(max_width)  # [L*W]
+    ends = starts + torch.arange(max_width, device=device).repeat(length)  # [L*W]
     keep = ends < length
     return starts[keep], ends[keep]
 
@@ -43,14 +43,21 @@ class Reader(nn.Module):
         self.norm = nn.LayerNorm(span_hidden)
         self.score = nn.Linear(span_hidden, 1)
 
+    @property
+    def device(self) -> torch.device:
+        return self.bert.embeddings.word_embeddings.weight.device  # not quantised by the int8 path, unlike Linears
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 start_ok: torch.Tensor, end_ok: torch.Tensor) -> SpanScores:
         """input_ids, attention_mask, token_type_ids: [N, L]; start_ok / end_ok: [N, L] True where a span may start /
         end (on the block's wordpieces, at word boundaries). The block is contiguous, so a span whose two ends
-        lie in it never leaves it."""
+        lie in it never leaves it. Inputs move to the reader's device; the logits are fp32 (also under autocast)."""
+        device = self.device
+        input_ids, attention_mask, token_type_ids, start_ok, end_ok = (
+            t.to(device) for t in (input_ids, attention_mask, token_type_ids, start_ok, end_ok))
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
-        starts, ends = enumerate_spans(h.shape[1], self.max_width)  # [S], [S]
+        starts, ends = enumerate_spans(h.shape[1], self.max_width, device)  # [S], [S]
         allowed = start_ok[:, starts] & end_ok[:, ends]  # [N, S]
         # score only the allowed spans (question, padding and split words are a large share of N x S), in chunks
         # that stay in cache: the [spans, span_hidden] activations are the reader's largest tensors
@@ -61,7 +68,7 @@ class Reader(nn.Module):
             r, sp = row[a:a + SPAN_CHUNK], span[a:a + SPAN_CHUNK]
             x = torch.relu(hs[r, starts[sp]] + he[r, ends[sp]])  # [chunk, Hs]
             scores.append(self.score(self.norm(x)).squeeze(-1))  # [chunk]
-        logits = h.new_full(allowed.shape, float("-inf"))  # [N, S]
+        logits = h.new_full(allowed.shape, float("-inf"), dtype=torch.float32)  # [N, S]
         if scores:
-            logits = logits.index_put((row, span), torch.cat(scores))
+            logits = logits.index_put((row, span), torch.cat(scores).float())
         return SpanScores(logits, starts, ends, allowed)

@@ -30,6 +30,7 @@ from realm_lm.models.embedder import Retriever, build_retriever, load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
+from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
@@ -71,6 +72,7 @@ class FinetuneRecipe:
         self.run_dir = Path(f.run_dir)
         self.step = 0
         self.dense = f.retriever == "realm"
+        self.device = resolve_device(cfg.runtime)
 
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False, progress: bool = True) -> None:
@@ -97,6 +99,7 @@ class FinetuneRecipe:
             load_checkpoint(latest_checkpoint(f.init_from), self.model, strict=False)
         if not self.dense:
             self.bm25_rows = Bm25Searcher(self.store).search([q.question for q in self.questions], r.top_k)[1]
+        self.model.to(self.device)
 
         head = [*reader.start_proj.parameters(), *reader.end_proj.parameters(), *reader.norm.parameters(),
                 *reader.score.parameters()]
@@ -126,7 +129,7 @@ class FinetuneRecipe:
         cfg, f = self.cfg, self.cfg.finetune
         has_retriever = any(k.startswith("retriever.") for k in init_keys)
         base = trained_config(cfg, f.init_from) if has_retriever else cfg
-        start = build_retriever(base.embedder)
+        start = build_retriever(base.embedder).to(self.device)
         doc = start.doc
         query = copy.deepcopy(start.query) if start.shared else start.query
         for p in doc.parameters():
@@ -158,19 +161,21 @@ class FinetuneRecipe:
         if self.dense:
             q_ids, q_mask = encode_queries(questions, self.model_dir, self.query_len)
             q = model.retriever.query(q_ids, q_mask)  # [B, D]
-            _, rows = self.index.search(q.detach().float().numpy(), k)  # [B, k] from the fixed index
-            blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32)).view(*rows.shape, -1)
-            retrieval_logits = torch.einsum("bd,bkd->bk", q, blocks)  # [B, k]
+            _, rows = self.index.search(q.detach().float().cpu().numpy(), k)  # [B, k] from the fixed index
+            blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32))
+            blocks = blocks.view(*rows.shape, -1).to(self.device)  # [B, k, D]
+            with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
+                retrieval_logits = torch.einsum("bd,bkd->bk", q, blocks)  # [B, k]
         else:
             rows = self.bm25_rows[idx]
-            retrieval_logits = torch.zeros(len(idx), k)  # BM25 scores are not on the reader's scale
+            retrieval_logits = torch.zeros(len(idx), k, device=self.device)  # BM25 scores are not on the reader's scale
         asked = question_ids(self.tok, questions, self.special, r.question_len)
         pieces = [self.pieces[i] for i in idx]
         # where the answers are is known from the wordpieces alone: only then is the reader run, on what it must read
         everything = reader_batch(self.store, asked, rows, self.tok, self.special, r.max_len)
         starts, ends = enumerate_spans(everything.input_ids.shape[1], r.max_span_len)
         has_answer = gold_span_mask(everything, pieces, k, r.max_span_len, starts, ends).any(-1)  # [B, k]
-        retriever_loss = retriever_marginal_nll(retrieval_logits, has_answer)
+        retriever_loss = retriever_marginal_nll(retrieval_logits, has_answer.to(self.device))
         read_q, read_ranks = blocks_to_read(has_answer.numpy(), self.cfg.finetune.reader_blocks)  # [B'], [B', n]
         reader_loss, top_correct = retrieval_logits.new_zeros(()), torch.zeros(())
         if len(read_q):
@@ -180,8 +185,10 @@ class FinetuneRecipe:
             spans = model.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
                                  batch.end_ok)
             span_logits = spans.logits.view(len(read_q), n, -1)  # [B', n, S]
-            gold = gold_span_mask(batch, [pieces[i] for i in read_q], n, r.max_span_len, spans.starts, spans.ends)
-            read_logits = retrieval_logits[torch.from_numpy(read_q)[:, None], torch.from_numpy(read_ranks)]  # [B', n]
+            starts, ends = enumerate_spans(batch.input_ids.shape[1], r.max_span_len)  # the reader's spans, on the CPU
+            gold = gold_span_mask(batch, [pieces[i] for i in read_q], n, r.max_span_len, starts, ends).to(self.device)
+            read_logits = retrieval_logits[torch.from_numpy(read_q).to(self.device)[:, None],
+                                           torch.from_numpy(read_ranks).to(self.device)]  # [B', n]
             reader_loss = reader_marginal_nll(span_logits, read_logits, gold)
             with torch.no_grad():
                 joint = (span_logits + read_logits[:, :, None]).flatten(1)  # [B', n*S]
@@ -205,7 +212,8 @@ class FinetuneRecipe:
         if self.dense:
             self.model.retriever.doc.eval()
         t0 = time.perf_counter()
-        out = self.forward(self.batch_indices())
+        with autocast(self.device, self.cfg.runtime.precision):
+            out = self.forward(self.batch_indices())
         self.opt.zero_grad(set_to_none=True)
         if out["loss"].requires_grad:  # else no question of the batch found an answer: no gradient, no update
             out["loss"].backward()

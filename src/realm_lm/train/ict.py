@@ -23,6 +23,7 @@ from realm_lm.losses import in_batch_nll
 from realm_lm.masking import build_sentence_table
 from realm_lm.models.embedder import Retriever, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from realm_lm.train.data import heldout_mask, pad_rows, title_and_body
 
@@ -52,7 +53,8 @@ class IctRecipe:
         self.train_sentences = np.nonzero(~held)[0]
         self.heldout_sentences = np.nonzero(held)[0]
         torch.manual_seed(cfg.ict.seed)
-        self.model = IctModel(build_retriever(cfg.embedder))
+        self.device = resolve_device(cfg.runtime)
+        self.model = IctModel(build_retriever(cfg.embedder)).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.ict.lr, weight_decay=0.01)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
@@ -99,15 +101,16 @@ class IctRecipe:
         q_ids, q_mask, d_ids, d_mask = self.batch(self.train_sentences, ict.batch_size, rng, ict.remove_prob)
         self.model.train()
         t0 = time.perf_counter()
-        q = self.model.retriever.query(q_ids, q_mask)  # [B, D]
-        d = self.model.retriever.doc(d_ids, d_mask)  # [B, D]
+        with autocast(self.device, self.cfg.runtime.precision):
+            q = self.model.retriever.query(q_ids, q_mask)  # [B, D]
+            d = self.model.retriever.doc(d_ids, d_mask)  # [B, D]
         loss = in_batch_nll(q, d)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         with torch.no_grad():
-            acc = ((q @ d.T).argmax(-1) == torch.arange(len(q))).float().mean()
+            acc = ((q @ d.T).argmax(-1) == torch.arange(len(q), device=q.device)).float().mean()
         return {"loss": float(loss.detach()), "in_batch_acc": float(acc), "step_s": time.perf_counter() - t0}
 
     @torch.no_grad()
@@ -116,8 +119,9 @@ class IctRecipe:
         self.model.eval()
         rng = np.random.default_rng(999)
         q_ids, q_mask, d_ids, d_mask = self.batch(self.heldout_sentences, self.cfg.ict.eval_blocks, rng, 1.0)
-        q = torch.cat([self.model.retriever.query(q_ids[i:i + 64], q_mask[i:i + 64]) for i in range(0, len(q_ids), 64)])
-        d = torch.cat([self.model.retriever.doc(d_ids[i:i + 64], d_mask[i:i + 64]) for i in range(0, len(d_ids), 64)])
+        with autocast(self.device, self.cfg.runtime.precision):
+            q = torch.cat([self.model.retriever.query(q_ids[i:i + 64], q_mask[i:i + 64]) for i in range(0, len(q_ids), 64)])
+            d = torch.cat([self.model.retriever.doc(d_ids[i:i + 64], d_mask[i:i + 64]) for i in range(0, len(d_ids), 64)])
         rank = ((q @ d.T) > (q * d).sum(-1, keepdim=True)).sum(-1)  # blocks scored above the true one
         return {f"ict_recall@{k}": float((rank < k).float().mean()) for k in ks} | {"ict_eval_blocks": len(q)}
 

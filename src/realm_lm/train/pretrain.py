@@ -23,6 +23,7 @@ from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, s
 from realm_lm.models.embedder import Retriever, build_retriever, load_bert
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
+from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
@@ -91,6 +92,8 @@ class PretrainRecipe:
             if ckpt is None:
                 raise FileNotFoundError(f"pretrain.init_from: no checkpoint in {p.init_from}")
             load_checkpoint(ckpt, self.model, strict=False)  # an ICT run carries the retriever only
+        self.device = resolve_device(cfg.runtime)
+        self.model.to(self.device)
         head = self.model.encoder.head
         new_params = [*head.dense.parameters(), *head.norm.parameters(), head.bias]  # not the tied decoder
         new_ids = {id(t) for t in new_params}
@@ -138,11 +141,15 @@ class PretrainRecipe:
     def candidates(self, query_emb: torch.Tensor, sources: np.ndarray) -> list[list[int]]:
         """Top (k-1) rows of the stale index per query, the query's own block excluded (trivial retrieval)."""
         k = self.cfg.pretrain.top_k - 1
-        _, found = self.refresher.index.search(query_emb.detach().float().numpy(), k + 1)
+        _, found = self.refresher.index.search(query_emb.detach().float().cpu().numpy(), k + 1)
         return [[int(r) for r in row if r >= 0 and r != src][:k] for row, src in zip(found, sources)]
 
     def forward(self, batch: PretrainBatch) -> dict[str, torch.Tensor]:
         """Loss and diagnostics of one batch; candidates re-scored with the CURRENT towers (gradients reach both)."""
+        with autocast(self.device, self.cfg.runtime.precision):
+            return self._forward(batch)
+
+    def _forward(self, batch: PretrainBatch) -> dict[str, torch.Tensor]:
         sp, model = self.special, self.model
         q = model.retriever.query(batch.query_ids, batch.query_mask)  # [B, D]
         cands = self.candidates(q, batch.source_rows)
@@ -153,21 +160,23 @@ class PretrainRecipe:
         d_ids, d_mask = pad_rows([null_block, *block_rows(self.store, np.asarray(cands).reshape(-1))], sp.pad)
         d = model.retriever.doc(d_ids, d_mask)  # [1 + B*k, D]
         d_cand = d[1:].view(B, k, -1)  # [B, k, D]
-        logits = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
+        with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
+            logits = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
         bodies = [[body_of(self.store, r, sp.sep) for r in c] + [np.zeros(0, np.int64)] for c in cands]
         ids, mask, types = joint_inputs(batch.queries, bodies, sp, self.cfg.encoder.max_joint_len)  # [B*(k+1), W]
         K = k + 1
         positions = batch.mask_positions.repeat_interleave(K, dim=0)  # [B*K, M]
         logp = model.encoder(ids, mask, types, positions).view(B, K, positions.shape[1], -1)  # [B, K, M, V]
-        labels = batch.labels[:, None, :, None].expand(-1, K, -1, -1)  # [B, K, M, 1]
+        batch_labels, label_mask = batch.labels.to(self.device), batch.label_mask.to(self.device)  # [B, M] each
+        labels = batch_labels[:, None, :, None].expand(-1, K, -1, -1)  # [B, K, M, 1]
         token_logp = logp.gather(-1, labels).squeeze(-1)  # [B, K, M]
-        loss = marginal_nll(logits, token_logp, batch.label_mask, self.cfg.pretrain.marginal)
+        loss = marginal_nll(logits, token_logp, label_mask, self.cfg.pretrain.marginal)
         with torch.no_grad():
             pz = logits.softmax(-1)  # [B, K]
             marginal = torch.einsum("bk,bkmv->bmv", pz, logp.exp())  # [B, M, V]
-            real = batch.label_mask.bool()
-            correct = (marginal.argmax(-1) == batch.labels)[real].float().mean()
-            ru = retrieval_utility(token_logp, batch.label_mask, null_index=K - 1)  # [B, K]
+            real = label_mask.bool()
+            correct = (marginal.argmax(-1) == batch_labels)[real].float().mean()
+            ru = retrieval_utility(token_logp, label_mask, null_index=K - 1)  # [B, K]
             top = logits[:, :-1].argmax(-1)  # the best non-null candidate
             ru_top = ru.gather(1, top[:, None]).mean()
         return {"loss": loss, "mask_acc": correct, "ru_top": ru_top, "p_null": pz[:, -1].mean(),
