@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--int8", default="d", help="variants also evaluated on test with the reader in dynamic int8")
     parser.add_argument("--reuse", action="store_true", help="keep variants whose figures are already in their run folder")
     parser.add_argument("--set", action="append", default=[], help="override of the preset")
+    parser.add_argument("--name", default="openqa_quality", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
     setup_runtime(cfg)
@@ -114,7 +115,7 @@ def main() -> None:
             print(f"{f['label']}: reader in dynamic int8: test EM {f['test_int8.em']:.1f} (fp32 {f['test.em']:.1f}), "
                   f"{f['test_int8.questions_per_s']:.2f} vs {f['test.questions_per_s']:.2f} questions/s")
     flat = {f"{key}.{k}": v for key, f in results.items() for k, v in f.items() if not isinstance(v, dict)}
-    print(f"\nwrote {write_results('openqa_quality', flat)}")
+    print(f"\nwrote {write_results(args.name, flat)}")
 
 
 if __name__ == "__main__":

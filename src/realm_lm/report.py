@@ -25,7 +25,8 @@ def write_results(name: str, figures: dict[str, Any], folder: str | Path = "benc
     path = Path(folder) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "machine.cpu_count": os.cpu_count(), "machine.platform": platform.platform(),
-               "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads()}
+               "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads(),
+               "machine.gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
     path.write_text(json.dumps(figures, indent=2, sort_keys=True))
     return path
 
