@@ -97,6 +97,7 @@ class PretrainConfig:
     batch_size: int = 4
     lr: float = 3e-5
     head_lr_scale: float = 10.0  # the MLM head's transform is newly initialised: it learns at lr * this
+    retriever_lr_scale: float = 1.0  # the retriever learns at lr * this (< 1 guards an ICT warm start in short runs)
     warmup_steps: int = -1  # -1: the paper's min(10k, max(100, steps/10))
     weight_decay: float = 0.01
     top_k: int = 8  # candidates per query, the null block included

@@ -97,8 +97,11 @@ class PretrainRecipe:
         head = self.model.encoder.head
         new_params = [*head.dense.parameters(), *head.norm.parameters(), head.bias]  # not the tied decoder
         new_ids = {id(t) for t in new_params}
-        pretrained = [t for t in self.model.parameters() if id(t) not in new_ids]
-        self.opt = torch.optim.AdamW([{"params": pretrained}, {"params": new_params, "lr": p.lr * p.head_lr_scale}],
+        retriever_params = list(self.model.retriever.parameters())
+        encoder_params = [t for t in self.model.encoder.parameters() if id(t) not in new_ids]
+        self.opt = torch.optim.AdamW([{"params": encoder_params},
+                                      {"params": retriever_params, "lr": p.lr * p.retriever_lr_scale},
+                                      {"params": new_params, "lr": p.lr * p.head_lr_scale}],
                                      lr=p.lr, weight_decay=p.weight_decay)
         self.sched = linear_schedule(self.opt, warmup_steps(cfg), p.steps)
 
