@@ -3,7 +3,7 @@ import torch
 from tokenizers import Tokenizer
 
 from realm_lm.config import EmbedderConfig
-from realm_lm.models.embedder import build_retriever, weights_hash
+from realm_lm.models.embedder import build_retriever, set_attention_dropout, weights_hash
 from realm_lm.models.pretrained import ModelNotFoundError, load_tokenizer, resolve_model_dir
 from realm_lm.retrieval import encode_queries
 
@@ -26,6 +26,22 @@ def test_padding_does_not_change_an_embedding():
     alone = r.doc(*encode_queries(["the river"], model_dir, 24))
     padded = r.doc(*encode_queries(["the river", "a much longer text about the king of the city"], model_dir, 24))[:1]
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_dropout_zero_makes_training_mode_deterministic_in_attention():
+    r = build_retriever(EmbedderConfig(model=TINY, proj_dim=16))
+    for m in r.modules():  # hidden dropout off: what is left of training mode's randomness is in the attention
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids, mask = encode_queries(["who built the tower of the city"], resolve_model_dir(TINY), 24)
+    r.eval()
+    reference = r.query(ids, mask)
+    r.train()
+    set_attention_dropout(r, 0.5)
+    assert not torch.allclose(r.query(ids, mask), reference, atol=1e-4)
+    set_attention_dropout(r, 0.0)
+    torch.testing.assert_close(r.query(ids, mask), reference, atol=1e-5, rtol=1e-5)
+    assert r.query.bert.config.attention_probs_dropout_prob == 0.0
 
 
 def test_towers_shared_or_separate_from_one_initialisation():

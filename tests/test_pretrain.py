@@ -39,6 +39,16 @@ def test_candidates_exclude_the_source_block_and_end_with_the_null_block(tmp_pat
         recipe.close()
 
 
+def test_attention_dropout_setting_reaches_every_bert(tmp_path):
+    recipe = recipe_for(tmp_path, "pretrain.attention_dropout=0.0")
+    recipe.setup()
+    try:
+        probs = [m.dropout_prob for m in recipe.model.modules() if hasattr(m, "dropout_prob")]
+        assert probs and all(p == 0.0 for p in probs)
+    finally:
+        recipe.close()
+
+
 def test_gradients_reach_both_towers_and_the_encoder(tmp_path):
     recipe = recipe_for(tmp_path, "embedder.share_towers=false")
     recipe.setup()
