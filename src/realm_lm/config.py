@@ -120,7 +120,8 @@ class ReaderConfig:
     question_len: int = 64  # wordpieces of the question kept
     span_hidden: int = 256  # hidden size of the span scorer
     max_span_len: int = 10  # wordpieces per answer span
-    batch_questions: int = 4  # questions per reader forward at inference (4 x k rows: the fastest size on a 2-core CPU)
+    batch_questions: int = 1  # questions per reader forward at inference (k rows: the fastest on a 2-core CPU, see
+    # answer_throughput; larger on a GPU)
     int8: bool = False  # inference only: the reader's linear layers in dynamic int8 (faster on CPU; see answer_throughput)
 
 

@@ -62,11 +62,14 @@ class Reader(nn.Module):
         # score only the allowed spans (question, padding and split words are a large share of N x S), in chunks
         # that stay in cache: the [spans, span_hidden] activations are the reader's largest tensors
         row, span = allowed.nonzero(as_tuple=True)  # [A], [A]
-        hs, he = self.start_proj(h), self.end_proj(h)  # [N, L, Hs] each
+        length = h.shape[1]
+        start_at, end_at = row * length + starts[span], row * length + ends[span]  # [A] rows of the flattened [N*L]
+        hs, he = self.start_proj(h).flatten(0, 1), self.end_proj(h).flatten(0, 1)  # [N*L, Hs] each
         scores = []
         for a in range(0, len(row), SPAN_CHUNK):
-            r, sp = row[a:a + SPAN_CHUNK], span[a:a + SPAN_CHUNK]
-            x = torch.relu(hs[r, starts[sp]] + he[r, ends[sp]])  # [chunk, Hs]
+            # index_select on flat rows and in-place add/ReLU: this part is memory-bound, every pass over x counts
+            x = hs.index_select(0, start_at[a:a + SPAN_CHUNK])  # [chunk, Hs]
+            x = x.add_(he.index_select(0, end_at[a:a + SPAN_CHUNK])).relu_()  # [chunk, Hs]
             scores.append(self.score(self.norm(x)).squeeze(-1))  # [chunk]
         logits = h.new_full(allowed.shape, float("-inf"), dtype=torch.float32)  # [N, S]
         if scores:
