@@ -31,7 +31,7 @@ from realm_lm.corpus.store import CorpusStore, write_store
 from realm_lm.index.backends import make_index
 from realm_lm.index.build import embed_rows
 from realm_lm.masking import mask_query
-from realm_lm.models.embedder import Embedder, Retriever, set_attention_dropout
+from realm_lm.models.embedder import Embedder, Retriever, configure_dropout
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.report import markdown_table, write_results
 from realm_lm.train.data import collate_queries
@@ -89,7 +89,7 @@ def ours(steps: int, warmup: int, workdir: Path, attention_dropout: float) -> di
     recipe.special = types.SimpleNamespace(pad=0, unk=100, cls=101, sep=102, mask=103)
     tower = Embedder(random_bert(), "cls-proj", P)
     recipe.model = RealmModel(Retriever(tower, tower), KnowledgeEncoder(random_bert()))
-    set_attention_dropout(recipe.model, attention_dropout)
+    configure_dropout(recipe.model, attention_dropout)
     recipe.opt = torch.optim.AdamW(recipe.model.parameters(), lr=1e-4)
     recipe.sched = linear_schedule(recipe.opt, 0, 1000)
     index = make_index(cfg.index)

@@ -3,7 +3,7 @@ import torch
 from tokenizers import Tokenizer
 
 from realm_lm.config import EmbedderConfig
-from realm_lm.models.embedder import build_retriever, set_attention_dropout, weights_hash
+from realm_lm.models.embedder import build_retriever, configure_dropout, weights_hash
 from realm_lm.models.pretrained import ModelNotFoundError, load_tokenizer, resolve_model_dir
 from realm_lm.retrieval import encode_queries
 
@@ -37,9 +37,9 @@ def test_attention_dropout_zero_makes_training_mode_deterministic_in_attention()
     r.eval()
     reference = r.query(ids, mask)
     r.train()
-    set_attention_dropout(r, 0.5)
+    configure_dropout(r, 0.5)
     assert not torch.allclose(r.query(ids, mask), reference, atol=1e-4)
-    set_attention_dropout(r, 0.0)
+    configure_dropout(r, 0.0)
     torch.testing.assert_close(r.query(ids, mask), reference, atol=1e-5, rtol=1e-5)
     assert r.query.bert.config.attention_probs_dropout_prob == 0.0
 
@@ -74,3 +74,41 @@ def test_minilm_tokenizer_matches_the_packaged_tokenizer_json():
     reference.no_padding()
     text = "Who designed the Eiffel Tower in 1889? Théâtre, naïve café — “quotes” & 3.5%."
     assert ours.encode(text, add_special_tokens=False).ids == reference.encode(text, add_special_tokens=False).ids
+
+
+def test_cheap_cpu_dropout_rate_scale_and_reproducibility():
+    from realm_lm.models.cpu_dropout import CpuDropout
+
+    torch.manual_seed(0)
+    drop = CpuDropout(0.1).train()
+    x = torch.ones(400_000)
+    y = drop(x)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.003  # 15 random bits per element: p = 3277 / 32768
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 32768 / (32768 - 3277)))
+    assert abs(float(y.mean()) - 1.0) < 0.01  # expectations unchanged
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop(x), y)  # the seed reproduces the mask
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_cheap_attention_dropout_matches_sdpa_when_nothing_is_dropped(monkeypatch):
+    from realm_lm.models import cpu_dropout
+
+    r = build_retriever(EmbedderConfig(model=TINY, proj_dim=16))
+    ids, mask = encode_queries(["who built the tower of the city", "when"], resolve_model_dir(TINY), 24)
+    for m in r.modules():  # hidden dropout off: only the attention's dropout is in play
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    r.eval()
+    reference = r.query(ids, mask)  # torch's fused attention, padding masked
+    configure_dropout(r, 0.1)
+    assert any(isinstance(m, cpu_dropout.CpuDropoutSelfAttention) for m in r.modules())
+    r.train()
+    assert not torch.allclose(r.query(ids, mask), reference, atol=1e-4)
+    monkeypatch.setattr(cpu_dropout, "dropped_mask", lambda shape, p, device: (torch.zeros(shape, dtype=torch.bool), 1.0))
+    out = r.query(ids, mask)  # the hand-written attention path, with a mask that drops nothing
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert r.query.bert.encoder.layer[0].attention.self.query.weight.grad is not None

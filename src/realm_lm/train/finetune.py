@@ -26,7 +26,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import build_index
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
-from realm_lm.models.embedder import Retriever, build_retriever, load_bert, set_attention_dropout
+from realm_lm.models.embedder import Retriever, build_retriever, load_bert, configure_dropout
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
@@ -99,7 +99,7 @@ class FinetuneRecipe:
             load_checkpoint(latest_checkpoint(f.init_from), self.model, strict=False)
         if not self.dense:
             self.bm25_rows = Bm25Searcher(self.store).search([q.question for q in self.questions], r.top_k)[1]
-        set_attention_dropout(self.model, f.attention_dropout)
+        configure_dropout(self.model, f.attention_dropout)
         self.model.to(self.device)
 
         head = [*reader.start_proj.parameters(), *reader.end_proj.parameters(), *reader.norm.parameters(),

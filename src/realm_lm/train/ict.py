@@ -21,7 +21,7 @@ from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.losses import in_batch_nll
 from realm_lm.masking import build_sentence_table
-from realm_lm.models.embedder import Retriever, build_retriever, set_attention_dropout
+from realm_lm.models.embedder import Retriever, build_retriever, configure_dropout
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -55,7 +55,7 @@ class IctRecipe:
         torch.manual_seed(cfg.ict.seed)
         self.device = resolve_device(cfg.runtime)
         self.model = IctModel(build_retriever(cfg.embedder)).to(self.device)
-        set_attention_dropout(self.model, cfg.ict.attention_dropout)
+        configure_dropout(self.model, cfg.ict.attention_dropout)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.ict.lr, weight_decay=0.01)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))

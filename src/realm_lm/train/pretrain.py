@@ -20,7 +20,7 @@ from realm_lm.index.refresher import IndexRefresher
 from realm_lm.losses import marginal_nll, retrieval_utility
 from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, salient_spans,
                               spans_per_sentence)
-from realm_lm.models.embedder import Retriever, build_retriever, load_bert, set_attention_dropout
+from realm_lm.models.embedder import Retriever, build_retriever, load_bert, configure_dropout
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
@@ -92,7 +92,7 @@ class PretrainRecipe:
             if ckpt is None:
                 raise FileNotFoundError(f"pretrain.init_from: no checkpoint in {p.init_from}")
             load_checkpoint(ckpt, self.model, strict=False)  # an ICT run carries the retriever only
-        set_attention_dropout(self.model, p.attention_dropout)
+        configure_dropout(self.model, p.attention_dropout)
         self.device = resolve_device(cfg.runtime)
         self.model.to(self.device)
         head = self.model.encoder.head
