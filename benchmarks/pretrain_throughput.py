@@ -7,8 +7,9 @@ B = 4 queries of 128 tokens with 15 % of their tokens masked (about 19 masks), k
 blocks (joint input 415 tokens), AdamW, 2 threads, index of 2048 random blocks. Ours runs the real training
 step of `realm pretrain` (PretrainRecipe.forward + backward + AdamW): 7 retrieved blocks + the null block,
 all re-embedded with the current weights (REALM's gradient into the document tower), MLM head at masked
-positions only. Ours runs twice: with BERT's attention dropout (0.1, as the reference and the paper) and with
-`attention_dropout = 0`, which lets torch's CPU attention use its fused kernel. The reference runs first
+positions only. Ours runs twice: with BERT's attention dropout (0.1, as the reference and the paper; on a CPU
+it runs through models/cpu_dropout.py) and with `attention_dropout = 0`, which lets torch's CPU attention use
+its fused kernel. The reference runs first
 without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs). Writes benchmarks/results/pretrain_throughput.json.
 """
 
