@@ -1,4 +1,8 @@
+import json
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
 from realm_lm.config import load_config
@@ -40,3 +44,25 @@ def test_ict_trains_saves_and_warm_starts_pretraining(tiny_cfg):
     recipe.close()
     for a, b in zip(recipe.model.retriever.doc.state_dict().values(), trained.doc.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_ict_resume_after_a_lost_checkpoint_redoes_the_steps_once(tiny_cfg):
+    """A kill after step 3 was logged but before its checkpoint landed: resume redoes step 3 from step 2's
+    checkpoint, with the same loss, and the metrics log holds each step once."""
+    build_corpus(tiny_cfg)
+    recipe = IctRecipe(tiny_cfg)
+    recipe.setup()
+    recipe.train()  # 3 steps, checkpoints at 2 and 3
+    log = recipe.run_dir / "metrics.jsonl"
+    full = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
+    shutil.rmtree(recipe.run_dir / "checkpoints" / "step_0000003")
+    (recipe.run_dir / "checkpoints" / "LATEST").write_text("step_0000002")
+    resumed = IctRecipe(tiny_cfg)
+    resumed.setup(resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert [m["loss"] for m in lines] == pytest.approx(full, abs=1e-5)
+    IctRecipe(tiny_cfg).setup()  # a fresh run starts a fresh log
+    assert not log.exists()

@@ -24,7 +24,8 @@ from realm_lm.masking import build_sentence_table
 from realm_lm.models.embedder import Retriever, build_retriever, configure_dropout
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
-from realm_lm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
+                                       truncate_metrics_log)
 from realm_lm.train.data import heldout_mask, pad_rows, title_and_body
 
 
@@ -63,7 +64,10 @@ class IctRecipe:
             state = load_checkpoint(ckpt, self.model, self.opt)
             self.step = state["step"]
             set_rng_state(state["rng"])
+            truncate_metrics_log(self.run_dir, self.step)  # the steps since the checkpoint are redone
             print(f"resumed from {ckpt} at step {self.step}")
+        elif (self.run_dir / "metrics.jsonl").exists():  # a fresh run does not append to an old one's log
+            (self.run_dir / "metrics.jsonl").unlink()
 
     def title_ids(self, row: int) -> np.ndarray:
         return title_and_body(self.store, row, self.special.sep)[0]
