@@ -90,6 +90,8 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 def cmd_ict(args: argparse.Namespace) -> None:
     from realm_lm.train.ict import main as ict_main
     result = ict_main(_config(args), resume=args.resume)
+    if not result:  # a torchrun rank other than 0: rank 0 reports
+        return
     print(markdown_table(["pseudo-queries on held-out blocks", *[k.removeprefix("before.") for k in result if k.startswith("before.")]],
                          [[when, *[f"{v:.3f}" if isinstance(v, float) else v for k, v in result.items() if k.startswith(when)]]
                           for when in ("before", "after")]))
@@ -97,9 +99,12 @@ def cmd_ict(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from realm_lm.plot import plot_run
+    from realm_lm.train import distributed
     from realm_lm.train.pretrain import main as pretrain_main
     cfg = _config(args)
     history = pretrain_main(cfg, resume=args.resume)
+    if not distributed.is_main():  # rank 0 reports and plots
+        return
     if history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.3f}, index {last['index_version']} "
@@ -109,6 +114,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from realm_lm.plot import plot_run
+    from realm_lm.train import distributed
     from realm_lm.train.finetune import main as finetune_main
 
     cfg = _config(args)
@@ -117,6 +123,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.retriever:
         cfg = replace(cfg, finetune=replace(cfg.finetune, retriever=args.retriever))
     history = finetune_main(cfg, resume=args.resume)
+    if not distributed.is_main():  # rank 0 reports and plots
+        return
     if history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.3f} (reader {last['reader_loss']:.3f}, "

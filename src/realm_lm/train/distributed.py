@@ -1,8 +1,9 @@
 """Data-parallel training through torchrun / torch.distributed (gloo on CPU, nccl on GPU).
 
 Each rank draws its own batch (seeded by step and rank), gradients are averaged with all-reduce, rank 0 alone
-launches index builders, writes checkpoints and the metrics log; every rank swaps in new index versions from
-the shared run folder. With one process (no torchrun) every helper is a no-op.
+builds or launches index builders, writes checkpoints and the metrics log; every rank reads the index versions
+from the shared run folder. ICT's in-batch negatives come from every rank (``gather_rows``). With one process
+(no torchrun) every helper is a no-op.
 """
 
 from __future__ import annotations
@@ -39,10 +40,16 @@ def barrier() -> None:
 
 
 def average_gradients(model: nn.Module) -> None:
-    """All-reduce every gradient into its mean over ranks (one flat buffer: one message per step)."""
+    """All-reduce every gradient into its mean over ranks (one flat buffer: one message per step). A trainable
+    parameter without a gradient on this rank (e.g. no question of its batch found an answer) counts as zero,
+    so that every rank sends the same buffer and ends with the same weights."""
     if not dist.is_initialized():
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world_size()
@@ -52,9 +59,28 @@ def average_gradients(model: nn.Module) -> None:
         offset += g.numel()
 
 
-def mean_scalar(value: float) -> float:
+def mean_scalars(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over ranks, in one message."""
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(t)
-    return float(t) / world_size()
+    return dict(zip(values, (t / world_size()).tolist()))
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """[B_r, D] on each rank -> [sum_r B_r, D], every rank's rows in rank order; only this rank's own rows keep
+    their gradient. A loss computed alike on every rank over gathered rows thus gives each rank the exact
+    gradient through its own rows; summed over ranks (average_gradients x world size) it is the whole gradient."""
+    if not dist.is_initialized():
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=x.device)  # all_gather needs equal shapes
+    padded[:len(x)] = x.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    parts = [part[:n] for part, n in zip(parts, sizes)]
+    parts[rank()] = x
+    return torch.cat(parts)

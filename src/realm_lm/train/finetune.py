@@ -2,7 +2,8 @@
 is frozen); the query tower and an extractive span reader are trained on
 -log sum_{(z, span) matching a gold answer} p(z|x) p(span|z,x)  +  -log sum_{z containing an answer} p(z|x),
 each term dropped for a question whose retrieved blocks hold no answer. The reader reads only the questions with
-an answer among their blocks and, with ``finetune.reader_blocks``, only some of their blocks."""
+an answer among their blocks and, with ``finetune.reader_blocks``, only some of their blocks. Under torchrun each
+process reads its own ``finetune.batch_size`` questions of the step and gradients are averaged."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model
 from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
 from realm_lm.runtime import autocast, resolve_device
+from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
@@ -77,6 +79,7 @@ class FinetuneRecipe:
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False, progress: bool = True) -> None:
         cfg, f, r = self.cfg, self.cfg.finetune, self.cfg.reader
+        distributed.init()
         self.store = CorpusStore(cfg.corpus.store)
         self.model_dir = resolve_model_dir(cfg.embedder.model)
         self.tok = load_tokenizer(self.model_dir)
@@ -113,16 +116,20 @@ class FinetuneRecipe:
         self.sched = linear_schedule(self.opt, warmup, f.steps)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", config_to_dict(self.run_config()))
+        main_rank = distributed.is_main()
+        if main_rank:
+            write_json_atomic(self.run_dir / "config.json", config_to_dict(self.run_config()))
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             state = load_checkpoint(ckpt, self.model, self.opt)
             self.step = state["step"]
             self.sched = linear_schedule(self.opt, warmup, f.steps, done=self.step)
             set_rng_state(state["rng"])
-            truncate_metrics_log(self.run_dir, self.step)
+            if main_rank:
+                truncate_metrics_log(self.run_dir, self.step)  # the steps since the checkpoint are redone
             print(f"resumed from {ckpt} at step {self.step}")
-        elif (self.run_dir / "metrics.jsonl").exists():
+        elif main_rank and (self.run_dir / "metrics.jsonl").exists():  # a fresh run does not append to an old log
             (self.run_dir / "metrics.jsonl").unlink()
+        distributed.barrier()  # no rank trains before rank 0 has tidied the run folder
 
     def setup_retriever(self, init_keys: set[str], progress: bool) -> Retriever:
         """Separate towers: the query tower trains, the document tower stays the one that made the index. The
@@ -138,11 +145,13 @@ class FinetuneRecipe:
         if not f.train_query_tower:
             for p in query.parameters():
                 p.requires_grad_(False)
-        if latest_version(base.index.dir) is None:
-            build_index(base, store=self.store, progress=progress)
         own = trained_config(replace(cfg, embedder=self.run_config().embedder), self.run_dir)
-        if latest_version(own.index.dir) is None:
-            build_index(own, doc_embedder=doc, store=self.store, progress=progress, reuse_from=(base.index.dir,))
+        if distributed.is_main():  # one rank builds, every rank reads
+            if latest_version(base.index.dir) is None:
+                build_index(base, store=self.store, progress=progress)
+            if latest_version(own.index.dir) is None:
+                build_index(own, doc_embedder=doc, store=self.store, progress=progress, reuse_from=(base.index.dir,))
+        distributed.barrier()
         self.index, manifest = load_index(own.index.dir, self.store, cfg=own.index)
         self.block_emb = np.load(Path(own.index.dir) / "versions" / manifest["version"] / "embeddings.npy",
                                  mmap_mode="r")  # [N, D], the fixed document embeddings
@@ -199,16 +208,19 @@ class FinetuneRecipe:
                 "answer_in_topk": has_answer.any(-1).float().mean(), "top_span_correct": top_correct}
 
     def batch_indices(self) -> np.ndarray:
-        """Questions of this step: epochs of a seeded permutation (a function of the step, so resume is exact)."""
+        """This rank's questions of this step: epochs of a seeded permutation, cut into steps of batch_size x world
+        size questions (a function of the step, so resume is exact)."""
         f, n = self.cfg.finetune, len(self.questions)
-        per_epoch = max(1, n // f.batch_size)
+        per_step = f.batch_size * distributed.world_size()
+        per_epoch = max(1, n // per_step)
         epoch, pos = divmod(self.step, per_epoch)
         order = np.random.default_rng([f.seed, epoch]).permutation(n)
-        return order[pos * f.batch_size:(pos + 1) * f.batch_size]
+        start = pos * per_step + distributed.rank() * f.batch_size
+        return order[start:start + f.batch_size]
 
     def train_step(self) -> dict[str, Any]:
         f = self.cfg.finetune
-        torch.manual_seed(f.seed * 1_000_003 + self.step)  # dropout
+        torch.manual_seed(f.seed * 1_000_003 + self.step + distributed.rank() * 1_000_000_007)  # dropout
         self.model.train()
         if self.dense:
             self.model.retriever.doc.eval()
@@ -216,32 +228,40 @@ class FinetuneRecipe:
         with autocast(self.device, self.cfg.runtime.precision):
             out = self.forward(self.batch_indices())
         self.opt.zero_grad(set_to_none=True)
-        if out["loss"].requires_grad:  # else no question of the batch found an answer: no gradient, no update
+        if out["loss"].requires_grad:  # else no question of the batch found an answer: no gradient (from this rank)
             out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+        distributed.average_gradients(self.model)
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.sched.step()
-        return {k: float(v.detach()) for k, v in out.items()} | {"step_s": time.perf_counter() - t0,
-                                                          "lr": self.sched.get_last_lr()[0]}
+        metrics = distributed.mean_scalars({k: float(v.detach()) for k, v in out.items()})
+        return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]}
 
     # -- loop -----------------------------------------------------------------------------------------------
     def train(self, progress: bool = True) -> list[dict[str, Any]]:
         f = self.cfg.finetune
         history = []
         t_start = time.perf_counter()
-        with open(self.run_dir / "metrics.jsonl", "a") as log, \
-                tqdm(total=f.steps, initial=self.step, desc="fine-tuning", unit="step", disable=not progress) as bar:
-            while self.step < f.steps:
-                metrics = self.train_step()
-                self.step += 1
-                metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
-                history.append(metrics)
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", found=f"{metrics['answer_in_topk']:.2f}")
-                bar.update(1)
-                if self.step % f.save_every == 0 or self.step == f.steps:
-                    self.save()
+        main_rank = distributed.is_main()
+        log = open(self.run_dir / "metrics.jsonl", "a") if main_rank else None
+        try:
+            with tqdm(total=f.steps, initial=self.step, desc="fine-tuning", unit="step",
+                      disable=not (progress and main_rank)) as bar:
+                while self.step < f.steps:
+                    metrics = self.train_step()  # averaged over ranks already
+                    self.step += 1
+                    metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
+                    history.append(metrics)
+                    if log is not None:
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", found=f"{metrics['answer_in_topk']:.2f}")
+                    bar.update(1)
+                    if (self.step % f.save_every == 0 or self.step == f.steps) and main_rank:
+                        self.save()
+        finally:
+            if log is not None:
+                log.close()
         return history
 
     def save(self) -> Path:

@@ -1,7 +1,8 @@
 """`realm ict`: the Inverse Cloze Task warm start of the retriever (ORQA).
 
 A sentence is the pseudo-query; its block, with the sentence removed with probability ``remove_prob``, is the
-positive; the other blocks of the batch are the negatives (softmax over in-batch inner products).
+positive; the other blocks of the batch are the negatives (softmax over in-batch inner products). Under torchrun
+each process draws ``ict.batch_size`` pairs and the negatives come from every process's batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from realm_lm.masking import build_sentence_table
 from realm_lm.models.embedder import Retriever, build_retriever, configure_dropout
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
+from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
 from realm_lm.train.data import heldout_mask, pad_rows, title_and_body
@@ -45,6 +47,7 @@ class IctRecipe:
 
     def setup(self, resume: bool = False) -> None:
         cfg = self.cfg
+        distributed.init()
         self.store = CorpusStore(cfg.corpus.store)
         model_dir = resolve_model_dir(cfg.embedder.model)
         self.special = SpecialIds(load_tokenizer(model_dir))
@@ -59,15 +62,19 @@ class IctRecipe:
         configure_dropout(self.model, cfg.ict.attention_dropout)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.ict.lr, weight_decay=0.01)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
+        main_rank = distributed.is_main()
+        if main_rank:
+            write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             state = load_checkpoint(ckpt, self.model, self.opt)
             self.step = state["step"]
             set_rng_state(state["rng"])
-            truncate_metrics_log(self.run_dir, self.step)  # the steps since the checkpoint are redone
+            if main_rank:
+                truncate_metrics_log(self.run_dir, self.step)  # the steps since the checkpoint are redone
             print(f"resumed from {ckpt} at step {self.step}")
-        elif (self.run_dir / "metrics.jsonl").exists():  # a fresh run does not append to an old one's log
+        elif main_rank and (self.run_dir / "metrics.jsonl").exists():  # a fresh run does not append to an old log
             (self.run_dir / "metrics.jsonl").unlink()
+        distributed.barrier()  # no rank trains before rank 0 has tidied the run folder
 
     def title_ids(self, row: int) -> np.ndarray:
         return title_and_body(self.store, row, self.special.sep)[0]
@@ -101,17 +108,21 @@ class IctRecipe:
 
     def train_step(self) -> dict[str, Any]:
         ict = self.cfg.ict
-        rng = np.random.default_rng([ict.seed, self.step])
-        torch.manual_seed(ict.seed * 1_000_003 + self.step)
+        rank = distributed.rank()
+        # the batch is a function of (seed, step, rank): resume-exact, and different on every rank
+        rng = np.random.default_rng([ict.seed, self.step, rank])
+        torch.manual_seed(ict.seed * 1_000_003 + self.step + rank * 1_000_000_007)  # dropout too
         q_ids, q_mask, d_ids, d_mask = self.batch(self.train_sentences, ict.batch_size, rng, ict.remove_prob)
         self.model.train()
         t0 = time.perf_counter()
         with autocast(self.device, self.cfg.runtime.precision):
             q = self.model.retriever.query(q_ids, q_mask)  # [B, D]
             d = self.model.retriever.doc(d_ids, d_mask)  # [B, D]
+        q, d = distributed.gather_rows(q), distributed.gather_rows(d)  # [W*B, D]: every rank's pairs
         loss = in_batch_nll(q, d)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * distributed.world_size()).backward()  # each rank holds the gradient through its own rows only
+        distributed.average_gradients(self.model)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         with torch.no_grad():
@@ -134,19 +145,25 @@ class IctRecipe:
         ict = self.cfg.ict
         history = []
         t_start = time.perf_counter()
-        with open(self.run_dir / "metrics.jsonl", "a") as log, \
-                tqdm(total=ict.steps, initial=self.step, desc="ICT", unit="step") as bar:
-            while self.step < ict.steps:
-                metrics = self.train_step()
-                self.step += 1
-                metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
-                history.append(metrics)
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['in_batch_acc']:.2f}")
-                bar.update(1)
-                if self.step % ict.save_every == 0 or self.step == ict.steps:
-                    self.save()
+        main_rank = distributed.is_main()
+        log = open(self.run_dir / "metrics.jsonl", "a") if main_rank else None
+        try:
+            with tqdm(total=ict.steps, initial=self.step, desc="ICT", unit="step", disable=not main_rank) as bar:
+                while self.step < ict.steps:
+                    metrics = self.train_step()  # loss and accuracy over every rank's pairs already
+                    self.step += 1
+                    metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
+                    history.append(metrics)
+                    if log is not None:
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['in_batch_acc']:.2f}")
+                    bar.update(1)
+                    if (self.step % ict.save_every == 0 or self.step == ict.steps) and main_rank:
+                        self.save()
+        finally:
+            if log is not None:
+                log.close()
         return history
 
     def save(self) -> Path:
@@ -155,10 +172,14 @@ class IctRecipe:
 
 
 def main(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    """Train, and (rank 0) evaluate before and after; the other ranks of a torchrun job return {}."""
     recipe = IctRecipe(cfg)
     recipe.setup(resume=resume)
-    before = recipe.evaluate(cfg.eval.ks)
+    main_rank = distributed.is_main()
+    before = recipe.evaluate(cfg.eval.ks) if main_rank else {}
     recipe.train()
+    if not main_rank:
+        return {}
     after = recipe.evaluate(cfg.eval.ks)
     result = {f"before.{k}": v for k, v in before.items()} | {f"after.{k}": v for k, v in after.items()}
     write_json_atomic(recipe.run_dir / "ict_eval.json", result)

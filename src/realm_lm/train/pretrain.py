@@ -217,7 +217,7 @@ class PretrainRecipe:
                 while self.step < end:
                     swapped = self.refresher.maybe_swap(self.step, self.model.retriever.doc)
                     metrics = self.train_step()
-                    metrics["loss"] = distributed.mean_scalar(metrics["loss"])
+                    metrics |= distributed.mean_scalars({k: metrics[k] for k in ("loss", "mask_acc", "ru_top", "p_null")})
                     self.step += 1
                     stats = self.refresher.stats
                     metrics |= {"step": self.step, "index_version": self.refresher.version,
