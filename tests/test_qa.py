@@ -13,7 +13,6 @@ from realm_lm.answer import Answerer
 from realm_lm.config import load_config
 from realm_lm.corpus.questions import QaFileError, read_qa_file
 from realm_lm.corpus.store import CorpusStore, build_corpus
-from realm_lm.eval.qa import evaluate_qa
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 from realm_lm.retrieval import BadQuestionError
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch

@@ -8,7 +8,6 @@ process reads its own ``finetune.batch_size`` questions of the step and gradient
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
@@ -36,6 +34,7 @@ from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
+from realm_lm.train.loop import run_steps
 from realm_lm.train.pretrain import linear_schedule
 
 RETRIEVERS = ("realm", "bm25")
@@ -240,29 +239,9 @@ class FinetuneRecipe:
     # -- loop -----------------------------------------------------------------------------------------------
     def train(self, progress: bool = True) -> list[dict[str, Any]]:
         f = self.cfg.finetune
-        history = []
-        t_start = time.perf_counter()
-        main_rank = distributed.is_main()
-        log = open(self.run_dir / "metrics.jsonl", "a") if main_rank else None
-        try:
-            with tqdm(total=f.steps, initial=self.step, desc="fine-tuning", unit="step",
-                      disable=not (progress and main_rank)) as bar:
-                while self.step < f.steps:
-                    metrics = self.train_step()  # averaged over ranks already
-                    self.step += 1
-                    metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
-                    history.append(metrics)
-                    if log is not None:
-                        log.write(json.dumps(metrics) + "\n")
-                        log.flush()
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", found=f"{metrics['answer_in_topk']:.2f}")
-                    bar.update(1)
-                    if (self.step % f.save_every == 0 or self.step == f.steps) and main_rank:
-                        self.save()
-        finally:
-            if log is not None:
-                log.close()
-        return history
+        return run_steps(self, f.steps, f.save_every, "fine-tuning",
+                         lambda m: {"loss": f"{m['loss']:.3f}", "found": f"{m['answer_in_topk']:.2f}"},
+                         progress=progress)
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.opt,

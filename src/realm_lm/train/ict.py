@@ -7,7 +7,6 @@ each process draws ``ict.batch_size`` pairs and the negatives come from every pr
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
@@ -29,6 +27,7 @@ from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
 from realm_lm.train.data import heldout_mask, pad_rows, title_and_body
+from realm_lm.train.loop import run_steps
 
 
 class IctModel(nn.Module):
@@ -143,28 +142,8 @@ class IctRecipe:
 
     def train(self) -> list[dict[str, Any]]:
         ict = self.cfg.ict
-        history = []
-        t_start = time.perf_counter()
-        main_rank = distributed.is_main()
-        log = open(self.run_dir / "metrics.jsonl", "a") if main_rank else None
-        try:
-            with tqdm(total=ict.steps, initial=self.step, desc="ICT", unit="step", disable=not main_rank) as bar:
-                while self.step < ict.steps:
-                    metrics = self.train_step()  # loss and accuracy over every rank's pairs already
-                    self.step += 1
-                    metrics |= {"step": self.step, "wall_s": round(time.perf_counter() - t_start, 2)}
-                    history.append(metrics)
-                    if log is not None:
-                        log.write(json.dumps(metrics) + "\n")
-                        log.flush()
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['in_batch_acc']:.2f}")
-                    bar.update(1)
-                    if (self.step % ict.save_every == 0 or self.step == ict.steps) and main_rank:
-                        self.save()
-        finally:
-            if log is not None:
-                log.close()
-        return history
+        return run_steps(self, ict.steps, ict.save_every, "ICT",
+                         lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['in_batch_acc']:.2f}"})
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.opt,

@@ -3,7 +3,6 @@ asynchronous builder refreshes, and the marginal likelihood over the top-k candi
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
@@ -29,6 +27,7 @@ from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_
                                        truncate_metrics_log)
 from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
                                  pad_rows)
+from realm_lm.train.loop import run_steps
 
 
 class RealmModel(nn.Module):
@@ -188,6 +187,7 @@ class PretrainRecipe:
 
     def train_step(self) -> dict[str, Any]:
         p = self.cfg.pretrain
+        swapped = self.refresher.maybe_swap(self.step, self.model.retriever.doc)  # a newer index, between steps
         # the batch is a function of (seed, step, rank): resume-exact, and different on every rank
         rng = np.random.default_rng([p.seed, self.step, distributed.rank()])
         torch.manual_seed(p.seed * 1_000_003 + self.step * 1_009 + distributed.rank())  # dropout too
@@ -201,43 +201,21 @@ class PretrainRecipe:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.sched.step()
-        return {k: float(v.detach()) for k, v in out.items()} | {"step_s": time.perf_counter() - t0,
-                                                          "lr": self.sched.get_last_lr()[0]}
+        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics |= distributed.mean_scalars({k: metrics[k] for k in ("loss", "mask_acc", "ru_top", "p_null")})
+        stats = self.refresher.stats
+        return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
+                          "index_version": self.refresher.version, "staleness": self.refresher.staleness(self.step + 1),
+                          "swapped": swapped, "refreshes": stats.swaps, "index_wait_s": round(stats.waited_s, 3),
+                          "last_refresh_s": round(stats.durations_s[-1], 2) if stats.durations_s else None}
 
     # -- loop -----------------------------------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> list[dict[str, Any]]:
         p = self.cfg.pretrain
-        history = []
-        t_start = time.perf_counter()
-        main_rank = distributed.is_main()
-        log = open(self.run_dir / "metrics.jsonl", "a") if main_rank else None
-        end = p.steps if stop_after is None else min(p.steps, self.step + stop_after)
-        try:
-            with tqdm(total=p.steps, initial=self.step, desc="pre-training", unit="step", disable=not main_rank) as bar:
-                while self.step < end:
-                    swapped = self.refresher.maybe_swap(self.step, self.model.retriever.doc)
-                    metrics = self.train_step()
-                    metrics |= distributed.mean_scalars({k: metrics[k] for k in ("loss", "mask_acc", "ru_top", "p_null")})
-                    self.step += 1
-                    stats = self.refresher.stats
-                    metrics |= {"step": self.step, "index_version": self.refresher.version,
-                                "staleness": self.refresher.staleness(self.step), "swapped": swapped,
-                                "refreshes": stats.swaps, "index_wait_s": round(stats.waited_s, 3),
-                                "last_refresh_s": round(stats.durations_s[-1], 2) if stats.durations_s else None,
-                                "wall_s": round(time.perf_counter() - t_start, 2)}
-                    history.append(metrics)
-                    if log is not None:
-                        log.write(json.dumps(metrics) + "\n")
-                        log.flush()
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mask_acc']:.2f}",
-                                    index=self.refresher.version, stale=metrics["staleness"])
-                    bar.update(1)
-                    if (self.step % p.save_every == 0 or self.step == p.steps) and main_rank:
-                        self.save()
-        finally:
-            if log is not None:
-                log.close()
-        return history
+        return run_steps(self, p.steps, p.save_every, "pre-training",
+                         lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['mask_acc']:.2f}",
+                                    "index": m["index_version"], "stale": m["staleness"]},
+                         end=None if stop_after is None else self.step + stop_after)
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
