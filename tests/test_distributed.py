@@ -95,3 +95,15 @@ def test_finetune_ranks_read_disjoint_questions(tiny_cfg, monkeypatch):
             per_rank.append(set(recipe.batch_indices().tolist()))
         assert len(per_rank[0]) == len(per_rank[1]) == tiny_cfg.finetune.batch_size
         assert not per_rank[0] & per_rank[1]
+
+
+def test_processes_on_one_machine_share_its_cores(monkeypatch):
+    from realm_lm.runtime import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_threads() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node=4
+    assert default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert default_threads() == 1

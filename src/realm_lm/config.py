@@ -156,7 +156,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    threads: int = 0  # torch intra-op threads; 0 = all cores (under torchrun: shared among this machine's processes)
     device: str = "auto"  # "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1", ...
     precision: str = "fp32"  # "bf16": autocast matrix work to bfloat16 (GPUs; slower than fp32 on CPUs without AMX)
 

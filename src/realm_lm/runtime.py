@@ -14,11 +14,16 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def setup_runtime(cfg: RunConfig) -> None:
-    torch.set_num_threads(cfg.runtime.threads or os.cpu_count() or 1)
+    torch.set_num_threads(cfg.runtime.threads or default_threads())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork index builders; keep tokenizers quiet
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # "weights not used: pooler.*" is expected: REALM projects [CLS] itself
+
+
+def default_threads() -> int:
+    """This machine's cores, shared among the processes torchrun started on it (else they would oversubscribe)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:
