@@ -145,7 +145,7 @@ class Answerer:
     def answer(self, questions: Sequence[str], k: int | None = None, top_n: int = 5,
                progress: bool = False) -> list[Response]:
         questions = [check_question(q) for q in questions]
-        k = k or self.top_k
+        k = min(k or self.top_k, len(self.store))  # a corpus smaller than k: read every block
         logits, rows = self.retrieve(questions, k, progress=progress)
         r = self.reader_cfg
         out = []

@@ -168,6 +168,21 @@ def cmd_ask(args: argparse.Namespace) -> None:
         print_answers(response)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from realm_lm.answer import Answerer
+    from realm_lm.serve.app import create_app
+
+    cfg = _config(args)
+    answerer = Answerer.from_run(cfg, args.from_run)
+    app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store,
+                                "retriever": "realm" if answerer.dense else "bm25"})
+    print(f"answering from {args.from_run} at http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from realm_lm.plot import plot_run
     print(plot_run(args.run_dir, args.out))
@@ -280,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     _from_finetuned(p)
     _corpus(p)
     p.set_defaults(func=cmd_ask)
+    p = verbs.add_parser("serve", help="answer questions with a fine-tuned run over HTTP (POST /ask, GET /health)")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    _from_finetuned(p)
+    _corpus(p)
+    p.set_defaults(func=cmd_serve)
     p = verbs.add_parser("plot", help="PNG of a run's metrics (loss, accuracy, retrieval utility, staleness)")
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")

@@ -1,0 +1,1 @@
+"""`realm serve`: the answering path over HTTP."""

@@ -1,0 +1,57 @@
+"""`realm serve --from RUN_DIR`: answers with their evidence over HTTP (FastAPI + uvicorn).
+
+One :class:`~realm_lm.answer.Answerer` is loaded at start-up and shared by every request; requests are answered
+one at a time (a forward pass already uses every core), so concurrent clients queue rather than oversubscribe.
+
+    POST /ask     {"question": "...", "n": 3, "k": 5}  -> answers (text, probability, evidence block, span) + hits
+    GET  /health  -> the run, retriever, corpus and index the server answers from
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+
+from realm_lm.answer import Answer, Answerer
+from realm_lm.retrieval import MAX_QUESTION_CHARS, BadQuestionError
+
+
+class AskRequest(BaseModel):
+    question: str = Field(description=f"the question (1 to {MAX_QUESTION_CHARS} characters)")
+    n: int = Field(3, ge=1, le=50, description="answers to return")
+    k: int | None = Field(None, ge=1, le=100, description="blocks to retrieve and read (default: the run's reader.top_k)")
+
+
+def answer_json(a: Answer) -> dict[str, Any]:
+    return {"answer": a.text, "probability": a.probability, "block_id": a.block_id, "title": a.title,
+            "block_rank": a.block_rank, "retrieval_probability": a.retrieval_probability,
+            "char_start": a.char_start, "char_end": a.char_end, "evidence": a.block_text}
+
+
+def create_app(answerer: Answerer, about: dict[str, Any]) -> FastAPI:
+    """``about``: what /health reports besides the corpus size (run folder, retriever, index version)."""
+    app = FastAPI(title="realm-lm", description="open-domain question answering with evidence (REALM)")
+    one_at_a_time = threading.Lock()
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", **about, "blocks": len(answerer.store), "top_k": answerer.top_k}
+
+    @app.post("/ask")
+    def ask(request: AskRequest) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            with one_at_a_time:
+                response = answerer.answer([request.question], k=request.k, top_n=request.n)[0]
+        except BadQuestionError as err:
+            raise HTTPException(status_code=400, detail=str(err)) from err
+        return {"question": response.question, "answers": [answer_json(a) for a in response.answers],
+                "retrieved": [{"rank": h.rank, "block_id": h.block_id, "title": h.title, "score": h.score}
+                              for h in response.hits],
+                "seconds": round(time.perf_counter() - t0, 4)}
+
+    return app
