@@ -1,7 +1,8 @@
 """`realm serve --from RUN_DIR`: answers with their evidence over HTTP (FastAPI + uvicorn).
 
-One :class:`~realm_lm.answer.Answerer` is loaded at start-up and shared by every request; requests are answered
-one at a time (a forward pass already uses every core), so concurrent clients queue rather than oversubscribe.
+One :class:`~realm_lm.answer.Answerer` is loaded at start-up and shared by every request. Requests are answered one
+at a time on the event loop's own thread: a forward pass already uses every core, so concurrent clients queue
+rather than oversubscribe, and torch ran 15-40 % slower from a worker thread in benchmarks/serve_latency.py.
 
     POST /ask     {"question": "...", "n": 3, "k": 5}  -> answers (text, probability, evidence block, span) + hits
     GET  /health  -> the run, retriever, corpus and index the server answers from
@@ -9,7 +10,6 @@ one at a time (a forward pass already uses every core), so concurrent clients qu
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -35,18 +35,16 @@ def answer_json(a: Answer) -> dict[str, Any]:
 def create_app(answerer: Answerer, about: dict[str, Any]) -> FastAPI:
     """``about``: what /health reports besides the corpus size (run folder, retriever, index version)."""
     app = FastAPI(title="realm-lm", description="open-domain question answering with evidence (REALM)")
-    one_at_a_time = threading.Lock()
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", **about, "blocks": len(answerer.store), "top_k": answerer.top_k}
 
     @app.post("/ask")
-    def ask(request: AskRequest) -> dict[str, Any]:
+    async def ask(request: AskRequest) -> dict[str, Any]:  # async: runs on the loop's thread, one at a time
         t0 = time.perf_counter()
         try:
-            with one_at_a_time:
-                response = answerer.answer([request.question], k=request.k, top_n=request.n)[0]
+            response = answerer.answer([request.question], k=request.k, top_n=request.n)[0]
         except BadQuestionError as err:
             raise HTTPException(status_code=400, detail=str(err)) from err
         return {"question": response.question, "answers": [answer_json(a) for a in response.answers],
