@@ -88,9 +88,10 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 
 
 def cmd_ict(args: argparse.Namespace) -> None:
+    from realm_lm.train import distributed
     from realm_lm.train.ict import main as ict_main
     result = ict_main(_config(args), resume=args.resume)
-    if not result:  # a torchrun rank other than 0: rank 0 reports
+    if not distributed.is_main():  # rank 0 reports
         return
     print(markdown_table(["pseudo-queries on held-out blocks", *[k.removeprefix("before.") for k in result if k.startswith("before.")]],
                          [[when, *[f"{v:.3f}" if isinstance(v, float) else v for k, v in result.items() if k.startswith(when)]]
@@ -176,8 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     answerer = Answerer.from_run(cfg, args.from_run)
-    app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store,
-                                "retriever": "realm" if answerer.dense else "bm25"})
+    app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store})
     print(f"answering from {args.from_run} at http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -5,7 +5,7 @@ at a time on the event loop's own thread: a forward pass already uses every core
 rather than oversubscribe, and torch ran 15-40 % slower from a worker thread in benchmarks/serve_latency.py.
 
     POST /ask     {"question": "...", "n": 3, "k": 5}  -> answers (text, probability, evidence block, span) + hits
-    GET  /health  -> the run, retriever, corpus and index the server answers from
+    GET  /health  -> the run, corpus and retriever the server answers from
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def answer_json(a: Answer) -> dict[str, Any]:
 
 
 def create_app(answerer: Answerer, about: dict[str, Any]) -> FastAPI:
-    """``about``: what /health reports besides the corpus size (run folder, retriever, index version)."""
+    """``about``: what /health reports besides what the answerer knows (e.g. the run folder and corpus store)."""
     app = FastAPI(title="realm-lm", description="open-domain question answering with evidence (REALM)")
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", **about, "blocks": len(answerer.store), "top_k": answerer.top_k}
+        return {"status": "ok", **about, "retriever": "realm" if answerer.dense else "bm25",
+                "blocks": len(answerer.store), "top_k": answerer.top_k}
 
     @app.post("/ask")
     async def ask(request: AskRequest) -> dict[str, Any]:  # async: runs on the loop's thread, one at a time

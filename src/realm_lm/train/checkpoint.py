@@ -96,11 +96,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
 
 
 def truncate_metrics_log(run_dir: str | Path, step: int) -> None:
-    """On resume, drop the metrics lines of steps after the checkpoint (they are redone), atomically."""
+    """A run that starts at ``step`` keeps only the metrics lines of the steps before it, atomically: after a
+    resume the steps since the checkpoint are redone; a fresh run (step 0) does not append to an old run's log."""
     log = Path(run_dir) / "metrics.jsonl"
     if not log.exists():
         return
     kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    if not kept:
+        log.unlink()
+        return
     tmp = log.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(log)

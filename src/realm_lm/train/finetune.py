@@ -123,12 +123,9 @@ class FinetuneRecipe:
             self.step = state["step"]
             self.sched = linear_schedule(self.opt, warmup, f.steps, done=self.step)
             set_rng_state(state["rng"])
-            if main_rank:
-                truncate_metrics_log(self.run_dir, self.step)  # the steps since the checkpoint are redone
             print(f"resumed from {ckpt} at step {self.step}")
-        elif main_rank and (self.run_dir / "metrics.jsonl").exists():  # a fresh run does not append to an old log
-            (self.run_dir / "metrics.jsonl").unlink()
-        distributed.barrier()  # no rank trains before rank 0 has tidied the run folder
+        if main_rank:
+            truncate_metrics_log(self.run_dir, self.step)
 
     def setup_retriever(self, init_keys: set[str], progress: bool) -> Retriever:
         """Separate towers: the query tower trains, the document tower stays the one that made the index. The

@@ -68,12 +68,9 @@ class IctRecipe:
             state = load_checkpoint(ckpt, self.model, self.opt)
             self.step = state["step"]
             set_rng_state(state["rng"])
-            if main_rank:
-                truncate_metrics_log(self.run_dir, self.step)  # the steps since the checkpoint are redone
             print(f"resumed from {ckpt} at step {self.step}")
-        elif main_rank and (self.run_dir / "metrics.jsonl").exists():  # a fresh run does not append to an old log
-            (self.run_dir / "metrics.jsonl").unlink()
-        distributed.barrier()  # no rank trains before rank 0 has tidied the run folder
+        if main_rank:
+            truncate_metrics_log(self.run_dir, self.step)
 
     def title_ids(self, row: int) -> np.ndarray:
         return title_and_body(self.store, row, self.special.sep)[0]

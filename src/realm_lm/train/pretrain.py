@@ -110,8 +110,8 @@ class PretrainRecipe:
             write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self.resume(ckpt)
-        elif not resume and distributed.is_main() and (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()
+        if distributed.is_main():
+            truncate_metrics_log(self.run_dir, self.step)
         self.refresher = IndexRefresher(cfg, self.run_dir, self.store, launches=distributed.is_main())
         if distributed.is_main():
             self.refresher.start(self.model.retriever.doc, self.step)
@@ -124,8 +124,6 @@ class PretrainRecipe:
         self.step = state["step"]
         self.sched = linear_schedule(self.opt, warmup_steps(self.cfg), self.cfg.pretrain.steps, done=self.step)
         set_rng_state(state["rng"])
-        if distributed.is_main():
-            truncate_metrics_log(self.run_dir, self.step)
         print(f"resumed from {ckpt} at step {self.step}")
 
     # -- one step -----------------------------------------------------------------------------------------
