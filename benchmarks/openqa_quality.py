@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.answer import Answerer
-from realm_lm.config import load_config
+from realm_lm.config import load_config, run_config
 from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.eval.metrics import recall_at_k
@@ -48,18 +48,28 @@ def start_recall(cfg, kind: str, init_from: str, store: CorpusStore, questions: 
     return recall_at_k(rows.tolist(), [q.answers for q in questions], store.texts, [5])[5]
 
 
+def same_recipe(cfg, run_dir: Path) -> bool:
+    """Whether the run in run_dir was fine-tuned and reads with cfg's [finetune] and [reader] sections."""
+    saved = run_config(run_dir)
+    got, want = saved.finetune, cfg.finetune
+    if not want.train_query_tower:  # the query tower's rate means nothing when it does not train
+        got = replace(got, query_lr_scale=want.query_lr_scale)
+    return got == want and saved.reader == cfg.reader
+
+
 def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool, int8: bool) -> dict:
     label, kind, init_from, train_query = VARIANTS[key]
     init_from = init_from.format(runs=runs)
     run_dir = Path(runs) / f"qa-{key}"
     done = run_dir / "openqa_figures.json"
-    if reuse and done.exists():
-        figures = json.loads(done.read_text())
-        if figures.get("splits") == {s: len(q) for s, q in splits.items()} and figures.get("steps") == cfg.finetune.steps:
-            print(f"reusing {run_dir}", flush=True)
-            return figures
     vcfg = replace(cfg, finetune=replace(cfg.finetune, run_dir=str(run_dir), retriever=kind, init_from=init_from,
                                          train_query_tower=train_query))
+    if reuse and done.exists():
+        figures = json.loads(done.read_text())
+        if figures.get("splits") == {s: len(q) for s, q in splits.items()} and same_recipe(vcfg, run_dir):
+            print(f"reusing {run_dir}", flush=True)
+            return figures
+        print(f"not reusing {run_dir}: other questions or another fine-tuning recipe", flush=True)
     figures = {"label": label, "steps": cfg.finetune.steps, "splits": {s: len(q) for s, q in splits.items()}}
     t0 = time.perf_counter()
     figures["recall@5_before"] = round(start_recall(cfg, kind, init_from, store, splits["test"]), 4)

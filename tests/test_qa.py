@@ -197,10 +197,16 @@ def finetune_cfg(tmp_path, *extra):
 
 @pytest.mark.parametrize("reader_blocks", [0, 2])
 def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path, reader_blocks):
-    cfg = finetune_cfg(tmp_path, f"finetune.reader_blocks={reader_blocks}")
+    cfg = finetune_cfg(tmp_path, f"finetune.reader_blocks={reader_blocks}", "finetune.query_lr_scale=0.25")
     build_corpus(cfg)
     recipe = FinetuneRecipe(cfg)
     recipe.setup(progress=False)
+    group_lr = {id(p): g["initial_lr"] for g in recipe.opt.param_groups for p in g["params"]}
+    f = cfg.finetune
+    assert group_lr[id(next(recipe.model.retriever.query.parameters()))] == pytest.approx(f.lr * 0.25)
+    assert group_lr[id(recipe.model.reader.score.weight)] == pytest.approx(f.lr * f.head_lr_scale)
+    assert group_lr[id(next(recipe.model.reader.bert.parameters()))] == pytest.approx(f.lr)
+    assert not any(id(p) in group_lr for p in recipe.model.retriever.doc.parameters())
     doc_before = {k: v.clone() for k, v in recipe.model.retriever.doc.state_dict().items()}
     query_before = {k: v.clone() for k, v in recipe.model.retriever.query.state_dict().items()}
     reader_before = {k: v.clone() for k, v in recipe.model.reader.state_dict().items()}

@@ -139,6 +139,7 @@ class FinetuneConfig:
     # answer + the highest-ranked others (DPR's sampling; cuts the cost on a CPU); 0 = all top_k (ORQA / REALM)
     lr: float = 1e-5  # ORQA / REALM
     head_lr_scale: float = 10.0  # the span scorer is newly initialised: it learns at lr * this
+    query_lr_scale: float = 1.0  # the query tower learns at lr * this (< 1 when lr is raised for a small reader)
     warmup_steps: int = -1  # -1: steps / 10
     weight_decay: float = 0.01
     retriever_loss_weight: float = 1.0  # weight of the retriever's marginal loss beside the reader's

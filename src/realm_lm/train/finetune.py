@@ -106,11 +106,10 @@ class FinetuneRecipe:
 
         head = [*reader.start_proj.parameters(), *reader.end_proj.parameters(), *reader.norm.parameters(),
                 *reader.score.parameters()]
-        trained = [*reader.bert.parameters()]
+        groups = [{"params": [*reader.bert.parameters()]}, {"params": head, "lr": f.lr * f.head_lr_scale}]
         if self.dense and f.train_query_tower:
-            trained += [*self.model.retriever.query.parameters()]
-        self.opt = torch.optim.AdamW([{"params": trained}, {"params": head, "lr": f.lr * f.head_lr_scale}],
-                                     lr=f.lr, weight_decay=f.weight_decay)
+            groups.append({"params": [*self.model.retriever.query.parameters()], "lr": f.lr * f.query_lr_scale})
+        self.opt = torch.optim.AdamW(groups, lr=f.lr, weight_decay=f.weight_decay)
         warmup = f.warmup_steps if f.warmup_steps >= 0 else max(1, f.steps // 10)
         self.sched = linear_schedule(self.opt, warmup, f.steps)
 
