@@ -90,8 +90,10 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 def cmd_ict(args: argparse.Namespace) -> None:
     from realm_lm.train import distributed
     from realm_lm.train.ict import main as ict_main
-    result = ict_main(_config(args), resume=args.resume)
-    if not distributed.is_main():  # rank 0 reports
+    with distributed.process_group():
+        result = ict_main(_config(args), resume=args.resume)
+        main_rank = distributed.is_main()
+    if not main_rank:  # rank 0 reports
         return
     print(markdown_table(["pseudo-queries on held-out blocks", *[k.removeprefix("before.") for k in result if k.startswith("before.")]],
                          [[when, *[f"{v:.3f}" if isinstance(v, float) else v for k, v in result.items() if k.startswith(when)]]
@@ -103,8 +105,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from realm_lm.train import distributed
     from realm_lm.train.pretrain import main as pretrain_main
     cfg = _config(args)
-    history = pretrain_main(cfg, resume=args.resume)
-    if not distributed.is_main():  # rank 0 reports and plots
+    with distributed.process_group():
+        history = pretrain_main(cfg, resume=args.resume)
+        main_rank = distributed.is_main()
+    if not main_rank:  # rank 0 reports and plots
         return
     if history:
         last = history[-1]
@@ -123,8 +127,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=args.from_run))
     if args.retriever:
         cfg = replace(cfg, finetune=replace(cfg.finetune, retriever=args.retriever))
-    history = finetune_main(cfg, resume=args.resume)
-    if not distributed.is_main():  # rank 0 reports and plots
+    with distributed.process_group():
+        history = finetune_main(cfg, resume=args.resume)
+        main_rank = distributed.is_main()
+    if not main_rank:  # rank 0 reports and plots
         return
     if history:
         last = history[-1]

@@ -9,6 +9,7 @@ from the shared run folder. ICT's in-batch negatives come from every rank (``gat
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,20 @@ def init() -> None:
         if torch.cuda.is_available():  # one GPU per rank: "cuda" then means this rank's own
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@contextmanager
+def process_group():
+    """The process group of one command under torchrun. The ranks leave together and the group is destroyed:
+    a rank that exits while a peer still has gloo connections open can abort the peer ("terminate called
+    without an active exception"). After an error, no barrier (the peer may never reach it)."""
+    init()
+    try:
+        yield
+        barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank() -> int:
