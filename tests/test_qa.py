@@ -16,7 +16,7 @@ from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 from realm_lm.retrieval import BadQuestionError
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
-from realm_lm.train.finetune import FinetuneRecipe
+from realm_lm.train.finetune import FinetuneRecipe, clip_each_group
 
 from realm_lm.eval.metrics import exact_match, f1_score
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
@@ -174,6 +174,16 @@ def test_blocks_to_read_keeps_the_best_answer_block_and_the_top_others():
 
 
 # -- question files -----------------------------------------------------------------------------------------------
+def test_each_group_is_clipped_on_its_own():
+    small, large = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([{"params": [small]}, {"params": [large]}], lr=1e-3)
+    small.grad = torch.tensor([0.3, 0.0, 0.4])  # norm 0.5: under the limit, left alone
+    large.grad = torch.full((4,), 50.0)  # norm 100: scaled to 1 without touching the other group
+    clip_each_group(opt, 1.0)
+    assert torch.allclose(small.grad, torch.tensor([0.3, 0.0, 0.4]))
+    assert torch.allclose(large.grad.norm(), torch.tensor(1.0))
+
+
 def test_qa_file_errors_name_the_line(tmp_path):
     good = tmp_path / "qa.jsonl"
     good.write_text('{"question": "Who?", "answers": ["Orin"]}\n\n{"question": "When?", "answers": ["1170", "1170"]}\n')
