@@ -173,7 +173,6 @@ def test_blocks_to_read_keeps_the_best_answer_block_and_the_top_others():
         assert all(has_answer[q, r].any() for q, r in zip([0, 2], ranks))  # every question reads an answer
 
 
-# -- question files -----------------------------------------------------------------------------------------------
 def test_each_group_is_clipped_on_its_own():
     small, large = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.AdamW([{"params": [small]}, {"params": [large]}], lr=1e-3)
@@ -184,6 +183,7 @@ def test_each_group_is_clipped_on_its_own():
     assert torch.allclose(large.grad.norm(), torch.tensor(1.0))
 
 
+# -- question files -----------------------------------------------------------------------------------------------
 def test_qa_file_errors_name_the_line(tmp_path):
     good = tmp_path / "qa.jsonl"
     good.write_text('{"question": "Who?", "answers": ["Orin"]}\n\n{"question": "When?", "answers": ["1170", "1170"]}\n')

@@ -90,9 +90,8 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 def cmd_ict(args: argparse.Namespace) -> None:
     from realm_lm.train import distributed
     from realm_lm.train.ict import main as ict_main
-    with distributed.process_group():
+    with distributed.process_group() as main_rank:
         result = ict_main(_config(args), resume=args.resume)
-        main_rank = distributed.is_main()
     if not main_rank:  # rank 0 reports
         return
     print(markdown_table(["pseudo-queries on held-out blocks", *[k.removeprefix("before.") for k in result if k.startswith("before.")]],
@@ -105,9 +104,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from realm_lm.train import distributed
     from realm_lm.train.pretrain import main as pretrain_main
     cfg = _config(args)
-    with distributed.process_group():
+    with distributed.process_group() as main_rank:
         history = pretrain_main(cfg, resume=args.resume)
-        main_rank = distributed.is_main()
     if not main_rank:  # rank 0 reports and plots
         return
     if history:
@@ -127,9 +125,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=args.from_run))
     if args.retriever:
         cfg = replace(cfg, finetune=replace(cfg.finetune, retriever=args.retriever))
-    with distributed.process_group():
+    with distributed.process_group() as main_rank:
         history = finetune_main(cfg, resume=args.resume)
-        main_rank = distributed.is_main()
     if not main_rank:  # rank 0 reports and plots
         return
     if history:

@@ -9,6 +9,7 @@ from the shared run folder. ICT's in-batch negatives come from every rank (``gat
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -24,13 +25,14 @@ def init() -> None:
 
 
 @contextmanager
-def process_group():
+def process_group() -> Iterator[bool]:
     """The process group of one command under torchrun. The ranks leave together and the group is destroyed:
     a rank that exits while a peer still has gloo connections open can abort the peer ("terminate called
-    without an active exception"). After an error, no barrier (the peer may never reach it)."""
+    without an active exception"). After an error, no barrier (the peer may never reach it). Yields whether
+    this is rank 0."""
     init()
     try:
-        yield
+        yield is_main()
         barrier()
     finally:
         if dist.is_initialized():
