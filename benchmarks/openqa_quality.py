@@ -1,6 +1,6 @@
 """Open-domain QA on Open-SQuAD: what the retriever and the pre-training give the reader, on this CPU.
 
-    .venv/bin/python benchmarks/openqa_quality.py [--variants a,b,c,d] [--reuse] [--test-every 3] [--dev-every 5]
+    .venv/bin/python benchmarks/openqa_quality.py [--variants a,b,c,d] [--seeds 0,1,2] [--reuse] [--test-every 3]
 
 Every variant fine-tunes on `train` questions with the same reader recipe and budget (configs/openqa_cpu.toml),
 then answers `dev` and `test` questions open-domain over the whole corpus (k = 5 blocks read):
@@ -11,8 +11,10 @@ then answers `dev` and `test` questions open-domain over the whole corpus (k = 5
 The starting runs come from benchmarks/pretrain_quality.py. Reported: EM and F1 on test (and dev), recall@5 of
 the retriever before and after fine-tuning, the wall time of every stage. A strided subset of each split keeps
 the CPU time bounded (every 6th test question: 435 of 2,607, every 20th dev question: 101; `--test-every 1` for
-all). Each variant's figures are kept in its run folder, so `--reuse` resumes an interrupted benchmark. Writes
-benchmarks/results/openqa_quality.json.
+all). `--seeds 0,1,2` fine-tunes every variant once per seed (the reader's span head, the order of the
+questions, dropout) and reports the mean and each seed's EM: on a few hundred questions one seed's EM moves by
+several points. Each run's figures are kept in its folder (qa-a, qa-a-seed1, ...), so `--reuse` resumes an
+interrupted benchmark. Writes benchmarks/results/openqa_quality.json.
 """
 
 import argparse
@@ -57,20 +59,22 @@ def same_recipe(cfg, run_dir: Path) -> bool:
     return got == want and saved.reader == cfg.reader
 
 
-def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool, int8: bool) -> dict:
+def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool, int8: bool,
+                seed: int) -> dict:
     label, kind, init_from, train_query = VARIANTS[key]
     init_from = init_from.format(runs=runs)
-    run_dir = Path(runs) / f"qa-{key}"
+    run_dir = Path(runs) / (f"qa-{key}" if seed == 0 else f"qa-{key}-seed{seed}")
     done = run_dir / "openqa_figures.json"
     vcfg = replace(cfg, finetune=replace(cfg.finetune, run_dir=str(run_dir), retriever=kind, init_from=init_from,
-                                         train_query_tower=train_query))
+                                         train_query_tower=train_query, seed=seed))
     if reuse and done.exists():
         figures = json.loads(done.read_text())
         if figures.get("splits") == {s: len(q) for s, q in splits.items()} and same_recipe(vcfg, run_dir):
             print(f"reusing {run_dir}", flush=True)
-            return figures
+            return figures | {"seed": seed}
         print(f"not reusing {run_dir}: other questions or another fine-tuning recipe", flush=True)
-    figures = {"label": label, "steps": cfg.finetune.steps, "splits": {s: len(q) for s, q in splits.items()}}
+    figures = {"label": label, "seed": seed, "steps": cfg.finetune.steps,
+               "splits": {s: len(q) for s, q in splits.items()}}
     t0 = time.perf_counter()
     figures["recall@5_before"] = round(start_recall(cfg, kind, init_from, store, splits["test"]), 4)
     figures["recall_before_s"] = round(time.perf_counter() - t0, 1)
@@ -98,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/openqa_cpu.toml")
     parser.add_argument("--variants", default="a,b,c,d")
+    parser.add_argument("--seeds", default="0", help="fine-tuning seeds; the table reports the mean and each seed")
     parser.add_argument("--runs", default="runs/cpu", help="where the ICT / REALM runs are, and the QA runs go")
     parser.add_argument("--test-every", type=int, default=6)
     parser.add_argument("--dev-every", type=int, default=20)
@@ -111,20 +116,35 @@ def main() -> None:
     store = CorpusStore(cfg.corpus.store)
     splits = {"dev": load_questions(cfg.eval.squad, "dev")[::args.dev_every],
               "test": load_questions(cfg.eval.squad, "test")[::args.test_every]}
-    results = {key: run_variant(cfg, key, args.runs, splits, store, args.reuse, key in args.int8.split(","))
-               for key in args.variants.split(",")}
-    rows = [[f["label"], f"{f['test.em']:.1f}", f"{f['test.f1']:.1f}", f"{f['dev.em']:.1f}",
-             f"{f['recall@5_before']:.3f}", f"{f['test.recall@5']:.3f}", f"{f['finetune_s']:.0f}",
-             f"{f['test.seconds']:.0f}"] for f in results.values()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = {key: [run_variant(cfg, key, args.runs, splits, store, args.reuse,
+                              key in args.int8.split(",") and seed == seeds[0], seed) for seed in seeds]
+            for key in args.variants.split(",")}  # key -> one figures dict per seed
+
+    def mean(per_seed: list[dict], name: str) -> float:
+        return sum(f[name] for f in per_seed) / len(per_seed)
+
+    rows = [[per_seed[0]["label"], f"{mean(per_seed, 'test.em'):.1f}",
+             " / ".join(f"{f['test.em']:.1f}" for f in per_seed), f"{mean(per_seed, 'test.f1'):.1f}",
+             f"{mean(per_seed, 'dev.em'):.1f}", f"{mean(per_seed, 'recall@5_before'):.3f}",
+             f"{mean(per_seed, 'test.recall@5'):.3f}", f"{mean(per_seed, 'finetune_s'):.0f}",
+             f"{mean(per_seed, 'test.seconds'):.0f}"] for per_seed in runs.values()]
     print(f"\n{cfg.finetune.steps} steps x {cfg.finetune.batch_size} train questions; test: {len(splits['test'])} "
-          f"questions (every {args.test_every}th), dev: {len(splits['dev'])} (every {args.dev_every}th)")
-    print(markdown_table(["variant", "test EM", "test F1", "dev EM", "test R@5 before", "test R@5 after",
-                          "fine-tune s", "test answer s"], rows))
-    for key, f in results.items():
+          f"questions (every {args.test_every}th), dev: {len(splits['dev'])} (every {args.dev_every}th); "
+          f"mean over seeds {args.seeds}")
+    print(markdown_table(["variant", "test EM", "test EM per seed", "test F1", "dev EM", "test R@5 before",
+                          "test R@5 after", "fine-tune s", "test answer s"], rows))
+    for per_seed in runs.values():
+        f = per_seed[0]
         if "test_int8.em" in f:
-            print(f"{f['label']}: reader in dynamic int8: test EM {f['test_int8.em']:.1f} (fp32 {f['test.em']:.1f}), "
-                  f"{f['test_int8.questions_per_s']:.2f} vs {f['test.questions_per_s']:.2f} questions/s")
-    flat = {f"{key}.{k}": v for key, f in results.items() for k, v in f.items() if not isinstance(v, dict)}
+            print(f"{f['label']}, seed {f['seed']}: reader in dynamic int8: test EM {f['test_int8.em']:.1f} "
+                  f"(fp32 {f['test.em']:.1f}), {f['test_int8.questions_per_s']:.2f} vs "
+                  f"{f['test.questions_per_s']:.2f} questions/s")
+    # key.NAME: the mean over seeds; key.seedN.NAME: each seed's figures
+    flat = {f"{key}.{k}": round(mean(per_seed, k), 4) for key, per_seed in runs.items() for k, v in per_seed[0].items()
+            if isinstance(v, (int, float)) and k != "seed" and all(k in f for f in per_seed)}
+    flat |= {f"{key}.seed{f['seed']}.{k}": v for key, per_seed in runs.items() for f in per_seed
+             for k, v in f.items() if not isinstance(v, dict)}
     print(f"\nwrote {write_results(args.name, flat)}")
 
 
