@@ -15,10 +15,7 @@ Writes benchmarks/results/answer_throughput.json.
 """
 
 import argparse
-import json
-import os
 import resource
-import subprocess
 import tempfile
 import time
 from dataclasses import replace
@@ -38,8 +35,8 @@ from realm_lm.models.reader import Reader
 from realm_lm.report import markdown_table, write_results
 from realm_lm.retrieval import DenseSearcher, embed_questions
 
-HF_BENCH = Path("../shared/bench/hf_realm")
-HF_PYTHON = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf-realm-bench/venv/bin/python"
+from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
+
 H, N_LAYERS, HEADS, FFN, V, P = 256, 4, 4, 1024, 30522, 128
 N_DOCS, DOC_LEN, Q_LEN, K = 8192, 288, 32, 8
 
@@ -127,11 +124,8 @@ def real(n_questions: int) -> dict:
 
 
 def reference(hf_python: str, n_questions: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "d", "--num-docs", str(N_DOCS),
-               "--qa-questions", str(n_questions), "--threads", "2", "--quiet", "--out", out.name]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())["openqa"]
+    return run_json([hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "d", "--num-docs", str(N_DOCS),
+                     "--qa-questions", str(n_questions), "--threads", "2", "--quiet"])["openqa"]
 
 
 def main() -> None:
@@ -141,10 +135,7 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([str(args.hf_python), str(HF_BENCH / "cpu_peak.py"), "--threads", "2", "--out", out.name],
-                       check=True, stdout=subprocess.DEVNULL)
-        peak = json.loads(Path(out.name).read_text())["peak_median_gflops_by_threads"]["2"]
+    peak = cpu_peak_gflops(args.hf_python, 2)
     ref = reference(args.hf_python, 20)
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         mine = synthetic(args.questions, Path(tmp))

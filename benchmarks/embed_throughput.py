@@ -12,13 +12,8 @@ Writes benchmarks/results/embed_throughput.json.
 """
 
 import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +25,8 @@ from realm_lm.index.build import embed_rows
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.report import markdown_table, write_results
 
-HF_BENCH = Path("../shared/bench/hf_realm")
-HF_PYTHON = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf-realm-bench/venv/bin/python"
+from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
+
 
 
 def f_emb(L: np.ndarray, H: int, I: int, N: int, P: int) -> np.ndarray:
@@ -39,11 +34,6 @@ def f_emb(L: np.ndarray, H: int, I: int, N: int, P: int) -> np.ndarray:
     L = L.astype(np.float64)
     return N * (L * 2 * (4 * H * H + 2 * H * I) + 4 * L * L * H) + 2 * H * H + 2 * H * P
 
-
-def run_json(cmd: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([*cmd, "--out", out.name], check=True, stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())
 
 
 def timed_embed(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, batch_tokens: int, desc: str) -> float:
@@ -68,8 +58,7 @@ def main() -> None:
     logging.set_verbosity_error()  # MiniLM's unused pooler weights are expected
     H, I, N, P, V, L = 256, 1024, 4, 128, 30522, 288
 
-    peak = run_json([sys.executable, str(HF_BENCH / "cpu_peak.py"), "--threads", str(args.threads)])
-    peak_gflops = peak["peak_median_gflops_by_threads"][str(args.threads)]
+    peak_gflops = cpu_peak_gflops(sys.executable, args.threads)
     print(f"fp32 matmul peak, {args.threads} threads: {peak_gflops:.1f} GFLOP/s", flush=True)
 
     ref = run_json([args.hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "a", "--num-docs",

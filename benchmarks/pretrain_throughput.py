@@ -14,10 +14,7 @@ without, then with --reembed-docs. Median step time; peak RSS of each process (o
 """
 
 import argparse
-import json
-import os
 import resource
-import subprocess
 import tempfile
 import time
 import types
@@ -38,8 +35,8 @@ from realm_lm.report import markdown_table, write_results
 from realm_lm.train.data import collate_queries
 from realm_lm.train.pretrain import PretrainRecipe, RealmModel, linear_schedule
 
-HF_BENCH = Path("../shared/bench/hf_realm")
-HF_PYTHON = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf-realm-bench/venv/bin/python"
+from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
+
 H, N_LAYERS, HEADS, FFN, V, P = 256, 4, 4, 1024, 30522, 128
 QUERY_LEN, DOC_LEN, K, B = 128, 288, 8, 4
 
@@ -62,11 +59,8 @@ def random_bert() -> BertModel:
 
 
 def reference(hf_python: str, steps: int, reembed: bool) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "c", "--num-docs", "2048", "--steps",
-               str(steps), "--threads", "2", "--quiet", "--out", out.name] + (["--reembed-docs"] if reembed else [])
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())["train"]
+    return run_json([hf_python, str(HF_BENCH / "bench_hf_realm.py"), "--parts", "c", "--num-docs", "2048", "--steps",
+                     str(steps), "--threads", "2", "--quiet", *(["--reembed-docs"] if reembed else [])])["train"]
 
 
 def ours(steps: int, warmup: int, workdir: Path, attention_dropout: float) -> dict:
@@ -128,10 +122,7 @@ def main() -> None:
     parser.add_argument("--hf-python", default=str(HF_PYTHON))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([str(args.hf_python), str(HF_BENCH / "cpu_peak.py"), "--threads", "2", "--out", out.name],
-                       check=True, stdout=subprocess.DEVNULL)
-        peak = json.loads(Path(out.name).read_text())["peak_median_gflops_by_threads"]["2"]
+    peak = cpu_peak_gflops(args.hf_python, 2)
     ref = reference(args.hf_python, args.steps, reembed=False)
     ref_re = reference(args.hf_python, args.steps, reembed=True)
     mine = {}
