@@ -28,12 +28,10 @@ from realm_lm.report import markdown_table, write_results
 from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
 
 
-
 def f_emb(L: np.ndarray, H: int, I: int, N: int, P: int) -> np.ndarray:
     """Forward FLOPs of one embedder pass over a block of length L (the reference README's formula)."""
     L = L.astype(np.float64)
     return N * (L * 2 * (4 * H * H + 2 * H * I) + 4 * L * L * H) + 2 * H * H + 2 * H * P
-
 
 
 def timed_embed(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, batch_tokens: int, desc: str) -> float:

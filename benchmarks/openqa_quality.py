@@ -63,6 +63,7 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
                 seed: int) -> dict:
     label, kind, init_from, train_query = VARIANTS[key]
     init_from = init_from.format(runs=runs)
+    # seed 0 keeps the plain name: corpus_swap.py and serve_latency.py read runs/cpu/qa-d
     run_dir = Path(runs) / (f"qa-{key}" if seed == 0 else f"qa-{key}-seed{seed}")
     done = run_dir / "openqa_figures.json"
     vcfg = replace(cfg, finetune=replace(cfg.finetune, run_dir=str(run_dir), retriever=kind, init_from=init_from,
