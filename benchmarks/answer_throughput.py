@@ -12,6 +12,8 @@
    and the fp32 peak measured by its cpu_peak.py in the same run.
 2. The default preset on the real corpus (configs/open_squad.toml: MiniLM reader, k = 5, blocks of their real
    length), dev questions, batch 32 and batch 1. Weights do not change the cost, so the reader is MiniLM as loaded.
+All of the above in fp32, the reference's precision; on a CPU with AMX, batch 32 of 1. and both of 2. also under bf16
+autocast (what runtime.precision = "auto" runs there), reported apart.
 Writes benchmarks/results/answer_throughput.json.
 """
 
@@ -35,10 +37,13 @@ from realm_lm.models.pretrained import load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
 from realm_lm.report import markdown_table, write_results
 from realm_lm.retrieval import DenseSearcher, embed_questions
+from realm_lm.runtime import resolve_precision
 
 from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
 
 H, N_LAYERS, HEADS, FFN, V, P = 256, 4, 4, 1024, 30522, 128
+# bf16 autocast is timed too where the CPU multiplies bf16 in silicon (AMX), as runtime.precision = "auto" uses it
+AMX = resolve_precision(torch.device("cpu"), "auto") == "bf16"
 N_DOCS, DOC_LEN, Q_LEN, K = 8192, 288, 32, 8
 
 
@@ -97,7 +102,7 @@ def synthetic(n_questions: int, workdir: Path) -> dict:
     torch.manual_seed(1)
     reader = Reader(random_bert(), span_hidden=256, max_width=10)
     reader_cfg = ReaderConfig(top_k=K, max_len=DOC_LEN + Q_LEN, question_len=Q_LEN)
-    answerer = Answerer(searcher, reader, reader_cfg, tok, dense=True)
+    answerer = Answerer(searcher, reader, reader_cfg, tok, dense=True, precision="fp32")  # the reference's precision
     questions = [" ".join(rng.choice(words, size=Q_LEN - 2)) for _ in range(n_questions + 32)]
     lengths = [len(e.ids) + 2 for e in tok.encode_batch(questions[:64], add_special_tokens=False)]
     out = {"b1": time_answers(answerer, questions[:17], 1, K), "b32": time_answers(answerer, questions, 32, K),
@@ -105,18 +110,22 @@ def synthetic(n_questions: int, workdir: Path) -> dict:
     answerer.reader_cfg = replace(reader_cfg, batch_questions=4)
     out["b32_read4"] = time_answers(answerer, questions, 32, K)
     answerer.reader_cfg = reader_cfg
+    if AMX:
+        answerer.precision = "bf16"
+        out["bf16_b32"] = time_answers(answerer, questions, 32, K)
+        answerer.precision = "fp32"
     answerer.reader = quantize_int8(reader)
     out["int8_b32"] = time_answers(answerer, questions, 32, K)
     return out
 
 
-def real(n_questions: int) -> dict:
-    cfg = load_config("configs/open_squad.toml")
+def real(n_questions: int, precision: str) -> dict:
+    cfg = load_config("configs/open_squad.toml", [f"runtime.precision={precision}"])
     store = CorpusStore(cfg.corpus.store)
     searcher = DenseSearcher(cfg, store)
     model_dir = resolve_model_dir(cfg.encoder.model)
     reader = Reader(load_bert(model_dir), cfg.reader.span_hidden, cfg.reader.max_span_len)
-    answerer = Answerer(searcher, reader, cfg.reader, load_tokenizer(model_dir), dense=True)
+    answerer = Answerer(searcher, reader, cfg.reader, load_tokenizer(model_dir), dense=True, precision=precision)
     questions = [q.question for q in load_questions(cfg.eval.squad, "dev")[:n_questions + 32]]
     _, rows = searcher.search(questions[:64], cfg.reader.top_k)
     return {"b1": time_answers(answerer, questions[:9], 1, cfg.reader.top_k),
@@ -142,7 +151,7 @@ def main() -> None:
     ref = reference(args.hf_python, args.ref_questions)
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         mine = synthetic(args.questions, Path(tmp))
-        mine_real = None if args.skip_real else real(args.questions)
+        mine_real = {} if args.skip_real else {p: real(args.questions, p) for p in ("fp32", "bf16")[:1 + AMX]}
     gflop = ref["gflop_per_question"]
     ratio = mine["b32"]["questions_per_s"] / ref["questions_per_s"]
     rows = [["HF RealmForOpenQA (part d), batch 1", f"{ref['questions_per_s']:.2f}", f"{ref['median_latency_ms']:.0f}",
@@ -157,24 +166,30 @@ def main() -> None:
              f"{mine['b32_read4']['questions_per_s'] / ref['questions_per_s']:.2f}"],
             ["ours, batch 32, reader in dynamic int8", f"{mine['int8_b32']['questions_per_s']:.2f}", "-", "-",
              f"{mine['int8_b32']['questions_per_s'] / ref['questions_per_s']:.2f}"]]
+    if AMX:
+        rows.append(["ours, batch 32, reader under bf16 autocast (AMX)", f"{mine['bf16_b32']['questions_per_s']:.2f}",
+                     "-", "-", f"{mine['bf16_b32']['questions_per_s'] / ref['questions_per_s']:.2f}"])
     print(f"\nreference work: k = {K}, reader inputs {DOC_LEN + Q_LEN} wordpieces, {gflop:.1f} GFLOP/question; "
           f"fp32 peak {peak:.0f} GFLOP/s (2 threads)")
     print(markdown_table(["system", "questions/s", "latency ms (batch 1)", "MFU", "x reference"], rows))
     figures = {"peak_gflops": peak, "gflop_per_question": gflop, "ref.questions_per_s": ref["questions_per_s"],
                "ref.latency_ms": ref["median_latency_ms"], "ref.peak_rss_mb": ref["peak_rss_mb"],
                "ref.foreign_cores": ref["cpu"]["foreign_cores"],
-               **{f"ours.{b}.{k}": v for b in ("b1", "b32", "b32_read4", "int8_b32") for k, v in mine[b].items()},
+               **{f"ours.{b}.{k}": v for b in ("b1", "b32", "b32_read4", "int8_b32", "bf16_b32") if b in mine
+                  for k, v in mine[b].items()},
                "ours.question_len_median": mine["question_len_median"],
                "ours.b32.mfu": mine["b32"]["questions_per_s"] * gflop / peak, "ours.b32.x_reference": ratio,
                "ours.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if mine_real:
-        print(f"\nreal corpus, default preset (MiniLM reader, k = {mine_real['k']}, median block "
-              f"{mine_real['block_tokens_median']:.0f} wordpieces):")
-        print(markdown_table(["batch", "questions/s", "latency ms"],
-                             [[b["batch"], f"{b['questions_per_s']:.2f}", f"{b['median_call_s'] * 1e3:.0f}"]
-                              for b in (mine_real["b1"], mine_real["b32"])]))
-        figures |= {f"real.{b}.{k}": v for b in ("b1", "b32") for k, v in mine_real[b].items()}
-        figures["real.block_tokens_median"] = mine_real["block_tokens_median"]
+        fp32 = mine_real["fp32"]
+        print(f"\nreal corpus, default preset (MiniLM reader, k = {fp32['k']}, median block "
+              f"{fp32['block_tokens_median']:.0f} wordpieces):")
+        print(markdown_table(["precision", "batch", "questions/s", "latency ms"],
+                             [[p, b["batch"], f"{b['questions_per_s']:.2f}", f"{b['median_call_s'] * 1e3:.0f}"]
+                              for p, m in mine_real.items() for b in (m["b1"], m["b32"])]))
+        for p, m in mine_real.items():  # fp32 keeps the keys it always had
+            figures |= {f"real{'' if p == 'fp32' else '_' + p}.{b}.{k}": v for b in ("b1", "b32") for k, v in m[b].items()}
+        figures["real.block_tokens_median"] = fp32["block_tokens_median"]
     print(f"\nwrote {write_results('answer_throughput', figures)}")
 
 

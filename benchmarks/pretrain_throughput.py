@@ -9,7 +9,8 @@ step of `realm pretrain` (PretrainRecipe.forward + backward + AdamW): 7 retrieve
 all re-embedded with the current weights (REALM's gradient into the document tower), MLM head at masked
 positions only. Ours runs twice: with BERT's attention dropout (0.1, as the reference and the paper; on a CPU
 it runs through models/cpu_dropout.py) and with `attention_dropout = 0`, which lets torch's CPU attention use
-its fused kernel. The reference runs first
+its fused kernel, both in fp32 as the reference; on a CPU with AMX also with dropout 0.1 under bf16 autocast
+(`runtime.precision = "auto"` there), reported apart. The reference runs first
 without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs). Writes benchmarks/results/pretrain_throughput.json.
 """
 
@@ -32,6 +33,7 @@ from realm_lm.masking import mask_query
 from realm_lm.models.embedder import Embedder, Retriever, configure_dropout
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.report import markdown_table, write_results
+from realm_lm.runtime import resolve_precision
 from realm_lm.train.data import collate_queries
 from realm_lm.train.pretrain import PretrainRecipe, RealmModel, linear_schedule
 
@@ -63,12 +65,12 @@ def reference(hf_python: str, steps: int, reembed: bool) -> dict:
                      str(steps), "--threads", "2", "--quiet", *(["--reembed-docs"] if reembed else [])])["train"]
 
 
-def ours(steps: int, warmup: int, workdir: Path, attention_dropout: float) -> dict:
+def ours(steps: int, warmup: int, workdir: Path, attention_dropout: float, precision: str) -> dict:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     cfg = load_config(None, [f"pretrain.top_k={K}", f"pretrain.query_len={QUERY_LEN}", "pretrain.max_masks=20",
                              "pretrain.masking=random-uniform", "pretrain.lr=1e-4", "encoder.max_joint_len=512",
-                             f"corpus.block_len={DOC_LEN}", "runtime.device=cpu"])
+                             f"corpus.block_len={DOC_LEN}", "runtime.device=cpu", f"runtime.precision={precision}"])
     # a store of 2048 random 288-token blocks ([CLS] w [SEP] body [SEP], one-token titles)
     n = 2048
     tokens = rng.integers(5, V, size=(n, DOC_LEN), dtype=np.int32)
@@ -125,21 +127,27 @@ def main() -> None:
     peak = cpu_peak_gflops(args.hf_python, 2)
     ref = reference(args.hf_python, args.steps, reembed=False)
     ref_re = reference(args.hf_python, args.steps, reembed=True)
+    # (name, attention dropout, precision): fp32 is the reference's numeric path; bf16 autocast only where the CPU
+    # has AMX (what runtime.precision = "auto" picks there), reported apart and compared to the fp32 peak all the same
+    runs = [("ours", 0.1, "fp32"), ("ours_attention_dropout_0", 0.0, "fp32")]
+    if resolve_precision(torch.device("cpu"), "auto") == "bf16":
+        runs.append(("ours_bf16", 0.1, "bf16"))
     mine = {}
-    for p in (0.1, 0.0):
+    for name, p, precision in runs:
         with tempfile.TemporaryDirectory() as tmp:
-            mine[p] = ours(args.steps, args.warmup, Path(tmp), attention_dropout=p)
+            mine[name] = ours(args.steps, args.warmup, Path(tmp), attention_dropout=p, precision=precision)
     joint = QUERY_LEN + DOC_LEN - 1
-    useful = useful_flops(mine[0.1]["masks_per_query"], joint) / 1e9
+    useful = useful_flops(mine["ours"]["masks_per_query"], joint) / 1e9
     rows = [
         ["HF REALM (parts c)", f"{ref['examples_per_s']:.3f}", f"{ref['median_step_s']:.2f}", f"{ref['peak_rss_mb']:.0f}",
          f"{ref['gflop_per_example_useful'] * ref['examples_per_s'] / peak:.1%}", "1.00"],
         ["HF REALM --reembed-docs", f"{ref_re['examples_per_s']:.3f}", f"{ref_re['median_step_s']:.2f}",
          f"{ref_re['peak_rss_mb']:.0f}", f"{ref_re['gflop_per_example_useful'] * ref_re['examples_per_s'] / peak:.1%}",
          f"{ref_re['examples_per_s'] / ref['examples_per_s']:.2f}"],
-        *[[f"ours (re-embeds all 8 candidates), attention dropout {p}", f"{m['examples_per_s']:.3f}",
-           f"{m['median_step_s']:.2f}", f"{m['peak_rss_mb']:.0f}", f"{useful * m['examples_per_s'] / peak:.1%}",
-           f"{m['examples_per_s'] / ref['examples_per_s']:.2f}"] for p, m in mine.items()],
+        *[[f"ours (re-embeds all 8 candidates), attention dropout {p}, {precision}",
+           f"{mine[name]['examples_per_s']:.3f}", f"{mine[name]['median_step_s']:.2f}",
+           f"{mine[name]['peak_rss_mb']:.0f}", f"{useful * mine[name]['examples_per_s'] / peak:.1%}",
+           f"{mine[name]['examples_per_s'] / ref['examples_per_s']:.2f}"] for name, p, precision in runs],
     ]
     print(markdown_table(["run", "examples/s", "step s (median)", "peak RSS MB", "MFU (useful)", "vs HF"], rows))
     figures = {"peak_gflops": round(peak, 1), "steps": args.steps,
@@ -147,7 +155,7 @@ def main() -> None:
                "reference_reembed.examples_per_s": round(ref_re["examples_per_s"], 4),
                "reference.peak_rss_mb": round(ref["peak_rss_mb"]), "reference_reembed.peak_rss_mb": round(ref_re["peak_rss_mb"]),
                "ours.gflop_per_example_useful": round(useful, 1)}
-    for name, m in (("ours", mine[0.1]), ("ours_attention_dropout_0", mine[0.0])):
+    for name, m in mine.items():
         figures |= {f"{name}.examples_per_s": round(m["examples_per_s"], 4), f"{name}.median_step_s": round(m["median_step_s"], 3),
                     f"{name}.peak_rss_mb": round(m["peak_rss_mb"]), f"{name}.masks_per_query": round(m["masks_per_query"], 2),
                     f"{name}.mfu_useful": round(useful * m["examples_per_s"] / peak, 4),

@@ -128,12 +128,15 @@ class Answerer:
         reader_cfg = replace(run_cfg.reader, top_k=cfg.reader.top_k, batch_questions=cfg.reader.batch_questions,
                              int8=cfg.reader.int8)
         device = resolve_device(cfg.runtime)
+        precision = cfg.runtime.precision
         if reader_cfg.int8:
             if device.type != "cpu":
                 raise ValueError("reader.int8 is a CPU path (dynamic int8 linear layers): set runtime.device = \"cpu\"")
-            reader = quantize_int8(reader)
+            if precision == "bf16":
+                raise ValueError("reader.int8 takes fp32 inputs: set runtime.precision = \"auto\" or \"fp32\"")
+            reader, precision = quantize_int8(reader), "fp32"
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
-        return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=cfg.runtime.precision)
+        return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=precision)
 
     def retrieve(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Retrieval logits [Q, k] (zeros for BM25: its scores are not on the reader's scale) and rows [Q, k]."""

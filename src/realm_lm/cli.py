@@ -24,7 +24,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"corpus.store={json.dumps(args.corpus)}")
     cfg = load_config(path, overrides)
     from realm_lm.runtime import setup_runtime
-    setup_runtime(cfg)
+    setup_runtime(cfg, announce=True)
     return cfg
 
 
