@@ -32,7 +32,7 @@ from realm_lm.eval.metrics import recall_at_k
 from realm_lm.eval.qa import evaluate_qa
 from realm_lm.report import markdown_table, write_results
 from realm_lm.retrieval import make_searcher, trained_config
-from realm_lm.runtime import setup_runtime
+from realm_lm.runtime import resolve_device, resolve_precision, setup_runtime
 from realm_lm.train.finetune import main as finetune_main
 
 VARIANTS = {  # key: (label, retriever, init_from, train_query_tower)
@@ -50,6 +50,11 @@ def start_recall(cfg, kind: str, init_from: str, store: CorpusStore, questions: 
     return recall_at_k(rows.tolist(), [q.answers for q in questions], store.texts, [5])[5]
 
 
+def precision(cfg) -> str:
+    """Of fine-tuning and answering: runtime.precision as resolved on this machine ("auto": bf16 on AMX CPUs)."""
+    return resolve_precision(resolve_device(cfg.runtime), cfg.runtime.precision)
+
+
 def same_recipe(cfg, run_dir: Path) -> bool:
     """Whether the run in run_dir was fine-tuned and reads with cfg's [finetune] and [reader] sections."""
     saved = run_config(run_dir)
@@ -60,7 +65,7 @@ def same_recipe(cfg, run_dir: Path) -> bool:
 
 
 def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reuse: bool, int8: bool,
-                seed: int) -> dict:
+                seed: int, fp32_check: bool) -> dict:
     label, kind, init_from, train_query = VARIANTS[key]
     init_from = init_from.format(runs=runs)
     # seed 0 keeps the plain name: corpus_swap.py and serve_latency.py read runs/cpu/qa-d
@@ -70,12 +75,13 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
                                          train_query_tower=train_query, seed=seed))
     if reuse and done.exists():
         figures = json.loads(done.read_text())
-        if figures.get("splits") == {s: len(q) for s, q in splits.items()} and same_recipe(vcfg, run_dir):
+        if (figures.get("splits") == {s: len(q) for s, q in splits.items()} and same_recipe(vcfg, run_dir)
+                and figures.get("precision", "fp32") == precision(cfg)):
             print(f"reusing {run_dir}", flush=True)
             return figures | {"seed": seed}
-        print(f"not reusing {run_dir}: other questions or another fine-tuning recipe", flush=True)
+        print(f"not reusing {run_dir}: other questions, another fine-tuning recipe or precision", flush=True)
     figures = {"label": label, "seed": seed, "steps": cfg.finetune.steps,
-               "splits": {s: len(q) for s, q in splits.items()}}
+               "splits": {s: len(q) for s, q in splits.items()}, "precision": precision(cfg)}
     t0 = time.perf_counter()
     figures["recall@5_before"] = round(start_recall(cfg, kind, init_from, store, splits["test"]), 4)
     figures["recall_before_s"] = round(time.perf_counter() - t0, 1)
@@ -94,6 +100,10 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
         answerer = Answerer.from_run(replace(cfg, reader=replace(cfg.reader, int8=True)), run_dir, store)
         result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-int8.jsonl")
         figures |= {f"test_int8.{k}": v for k, v in result.items()}
+    if fp32_check and figures["precision"] != "fp32":  # the same run answering in fp32: what bf16 answering costs in exact match
+        answerer = Answerer.from_run(replace(cfg, runtime=replace(cfg.runtime, precision="fp32")), run_dir, store)
+        result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-fp32.jsonl")
+        figures |= {f"test_fp32.{k}": v for k, v in result.items()}
     done.write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures), flush=True)
     return figures
@@ -108,6 +118,8 @@ def main() -> None:
     parser.add_argument("--test-every", type=int, default=6)
     parser.add_argument("--dev-every", type=int, default=20)
     parser.add_argument("--int8", default="d", help="variants also evaluated on test with the reader in dynamic int8")
+    parser.add_argument("--fp32-check", default="d",
+                        help="variants also evaluated on test in fp32 where runs use bf16 (runtime.precision)")
     parser.add_argument("--reuse", action="store_true", help="keep variants whose figures are already in their run folder")
     parser.add_argument("--set", action="append", default=[], help="override of the preset")
     parser.add_argument("--name", default="openqa_quality", help="results file: benchmarks/results/NAME.json")
@@ -119,7 +131,8 @@ def main() -> None:
               "test": load_questions(cfg.eval.squad, "test")[::args.test_every]}
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {key: [run_variant(cfg, key, args.runs, splits, store, args.reuse,
-                              key in args.int8.split(",") and seed == seeds[0], seed) for seed in seeds]
+                              key in args.int8.split(",") and seed == seeds[0], seed,
+                              key in args.fp32_check.split(",") and seed == seeds[0]) for seed in seeds]
             for key in args.variants.split(",")}  # key -> one figures dict per seed
 
     def mean(per_seed: list[dict], name: str) -> float:
@@ -132,14 +145,18 @@ def main() -> None:
              f"{mean(per_seed, 'test.seconds'):.0f}"] for per_seed in runs.values()]
     print(f"\n{cfg.finetune.steps} steps x {cfg.finetune.batch_size} train questions; test: {len(splits['test'])} "
           f"questions (every {args.test_every}th), dev: {len(splits['dev'])} (every {args.dev_every}th); "
-          f"mean over seeds {args.seeds}")
+          f"mean over seeds {args.seeds}; fine-tuning and answering in {precision(cfg)}")
     print(markdown_table(["variant", "test EM", "test EM per seed", "test F1", "dev EM", "test R@5 before",
                           "test R@5 after", "fine-tune s", "test answer s"], rows))
     for per_seed in runs.values():
         f = per_seed[0]
         if "test_int8.em" in f:
             print(f"{f['label']}, seed {f['seed']}: reader in dynamic int8: test EM {f['test_int8.em']:.1f} "
-                  f"(fp32 {f['test.em']:.1f}), {f['test_int8.questions_per_s']:.2f} vs "
+                  f"({f.get('precision', 'fp32')} {f['test.em']:.1f}), {f['test_int8.questions_per_s']:.2f} vs "
+                  f"{f['test.questions_per_s']:.2f} questions/s")
+        if "test_fp32.em" in f:
+            print(f"{f['label']}, seed {f['seed']}: answering in fp32: test EM {f['test_fp32.em']:.1f} "
+                  f"({f.get('precision', 'fp32')} {f['test.em']:.1f}), {f['test_fp32.questions_per_s']:.2f} vs "
                   f"{f['test.questions_per_s']:.2f} questions/s")
     # key.NAME: the mean over seeds; key.seedN.NAME: each seed's figures
     flat = {f"{key}.{k}": round(mean(per_seed, k), 4) for key, per_seed in runs.items() for k, v in per_seed[0].items()
