@@ -24,11 +24,24 @@ def write_results(name: str, figures: dict[str, Any], folder: str | Path = "benc
 
     path = Path(folder) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    figures = {**figures, "machine.cpu_count": os.cpu_count(), "machine.platform": platform.platform(),
+    figures = {**figures, "machine.cpu": cpu_model(), "machine.cpu_count": os.cpu_count(),
+               "machine.amx_bf16": bool(torch.cpu.get_capabilities().get("amx_bf16")),
+               "machine.platform": platform.platform(),
                "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads(),
                "machine.gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
     path.write_text(json.dumps(figures, indent=2, sort_keys=True))
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (this project's shared machines are not all the same CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_hits(question: str, hits: list, width: int = 100) -> None:
