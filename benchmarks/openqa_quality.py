@@ -100,7 +100,7 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
         answerer = Answerer.from_run(replace(cfg, reader=replace(cfg.reader, int8=True)), run_dir, store)
         result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-int8.jsonl")
         figures |= {f"test_int8.{k}": v for k, v in result.items()}
-    if fp32_check and figures["precision"] != "fp32":  # the same run answering in fp32: what bf16 answering costs in exact match
+    if fp32_check and figures["precision"] != "fp32":  # the same run answering in fp32: what bf16 answering costs
         answerer = Answerer.from_run(replace(cfg, runtime=replace(cfg.runtime, precision="fp32")), run_dir, store)
         result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-fp32.jsonl")
         figures |= {f"test_fp32.{k}": v for k, v in result.items()}
