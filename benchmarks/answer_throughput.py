@@ -37,13 +37,13 @@ from realm_lm.models.pretrained import load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
 from realm_lm.report import markdown_table, write_results
 from realm_lm.retrieval import DenseSearcher, embed_questions
-from realm_lm.runtime import resolve_precision
+from realm_lm.runtime import cpu_has_amx_bf16
 
 from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
 
 H, N_LAYERS, HEADS, FFN, V, P = 256, 4, 4, 1024, 30522, 128
 # bf16 autocast is timed too where the CPU multiplies bf16 in silicon (AMX), as runtime.precision = "auto" uses it
-AMX = resolve_precision(torch.device("cpu"), "auto") == "bf16"
+AMX = cpu_has_amx_bf16()
 N_DOCS, DOC_LEN, Q_LEN, K = 8192, 288, 32, 8
 
 

@@ -33,7 +33,7 @@ from realm_lm.masking import mask_query
 from realm_lm.models.embedder import Embedder, Retriever, configure_dropout
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.report import markdown_table, write_results
-from realm_lm.runtime import resolve_precision
+from realm_lm.runtime import cpu_has_amx_bf16
 from realm_lm.train.data import collate_queries
 from realm_lm.train.pretrain import PretrainRecipe, RealmModel, linear_schedule
 
@@ -130,7 +130,7 @@ def main() -> None:
     # (name, attention dropout, precision): fp32 is the reference's numeric path; bf16 autocast only where the CPU
     # has AMX (what runtime.precision = "auto" picks there), reported apart and compared to the fp32 peak all the same
     runs = [("ours", 0.1, "fp32"), ("ours_attention_dropout_0", 0.0, "fp32")]
-    if resolve_precision(torch.device("cpu"), "auto") == "bf16":
+    if cpu_has_amx_bf16():
         runs.append(("ours_bf16", 0.1, "bf16"))
     mine = {}
     for name, p, precision in runs:

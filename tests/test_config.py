@@ -50,15 +50,17 @@ def test_bad_preset_file(tmp_path):
 def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
     import torch
 
-    from realm_lm.runtime import autocast, resolve_precision
+    from realm_lm.runtime import autocast, cpu_has_amx_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
     for amx, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
+        cpu_has_amx_bf16.cache_clear()
         assert resolve_precision(cpu, "auto") == expected
         with autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") is (expected == "bf16")
+    cpu_has_amx_bf16.cache_clear()  # the real machine's answer again for the tests after this one
     with pytest.raises(ValueError, match="runtime.precision"):
         resolve_precision(cpu, "fp16")
     with pytest.raises(ValueError, match="runtime.precision"):

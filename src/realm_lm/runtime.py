@@ -4,6 +4,7 @@ the device and the numeric precision of the models' forward passes."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -42,9 +43,15 @@ def resolve_device(runtime: RuntimeConfig) -> torch.device:
     return device
 
 
+@functools.cache  # asked on every forward pass (autocast); the answer cannot change within a process
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in silicon (Intel AMX)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
     """``runtime.precision`` as "fp32" or "bf16". "auto" is bf16 where the hardware multiplies bfloat16 matrices in
-    silicon (a GPU with bf16 support; a CPU with AMX, where a bf16 matmul runs ~9x the fp32 one), else fp32."""
+    silicon (a GPU with bf16 support; a CPU with AMX), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"runtime.precision must be one of {PRECISIONS}, not {precision!r}")
     if precision != "auto":
@@ -52,7 +59,7 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if torch.cpu.get_capabilities().get("amx_bf16", False) else "fp32"
+        return "bf16" if cpu_has_amx_bf16() else "fp32"
     return "fp32"
 
 
