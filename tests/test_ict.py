@@ -1,5 +1,6 @@
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -29,6 +30,20 @@ def test_ict_pairs_remove_the_sentence_and_keep_the_title(tiny_cfg):
     assert len(removed) == len(kept) - len(sentence) or len(kept) == tiny_cfg.corpus.block_len
     q_ids, _, d_ids, _ = recipe.batch(recipe.train_sentences, 4, np.random.default_rng(0), 0.9)
     assert q_ids.shape[0] == d_ids.shape[0] <= 4
+
+
+def test_ict_starts_from_a_projection_fitted_to_the_blocks(tiny_cfg):
+    """pca_blocks > 0: the projection is no longer the seeded random one before step 1; 0 keeps it."""
+    build_corpus(tiny_cfg)
+    random_init = build_retriever(tiny_cfg.embedder).query.proj.weight
+    fitted = IctRecipe(tiny_cfg)
+    fitted.setup()
+    w = fitted.model.retriever.query.proj.weight.detach()  # [D, H], orthonormal rows
+    assert not torch.allclose(w, random_init)
+    torch.testing.assert_close(w @ w.T, torch.eye(len(w)), atol=1e-4, rtol=0)
+    kept = IctRecipe(replace(tiny_cfg, ict=replace(tiny_cfg.ict, pca_blocks=0)))
+    kept.setup()
+    torch.testing.assert_close(kept.model.retriever.query.proj.weight.detach(), random_init)
 
 
 def test_ict_trains_saves_and_warm_starts_pretraining(tiny_cfg):

@@ -60,6 +60,34 @@ def test_mean_pooling_is_unit_norm():
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
 
 
+def test_mean_proj_pools_over_real_tokens_only():
+    r = build_retriever(EmbedderConfig(model=TINY, pooling="mean-proj", proj_dim=16))
+    ids, mask = encode_queries(["the river", "the king of the river"], resolve_model_dir(TINY), 24)  # [2, L], padded
+    alone = r.query(*encode_queries(["the river"], resolve_model_dir(TINY), 24))
+    torch.testing.assert_close(r.query(ids, mask)[:1], alone, atol=1e-5, rtol=1e-5)  # padding changes nothing
+    assert r.query.pool(ids, mask).shape == (2, 32)
+
+
+def test_fit_projection_keeps_the_top_principal_directions():
+    """A cloud stretched along 3 known axes: the fitted rows span those axes, in order of variance, and centre it."""
+    torch.manual_seed(0)
+    tower = build_retriever(EmbedderConfig(model=TINY, pooling="mean-proj", proj_dim=3)).query
+    axes = torch.linalg.qr(torch.randn(32, 3))[0].T  # [3, 32], orthonormal
+    latent = torch.randn(400, 3)
+    latent = torch.linalg.qr(latent - latent.mean(0))[0] * 20  # [400, 3]: centred, uncorrelated columns
+    pooled = 5.0 + (latent * torch.tensor([9.0, 4.0, 2.0])) @ axes + 0.01 * torch.randn(400, 32)  # [400, 32]
+    tower.fit_projection(pooled)
+    w = tower.proj.weight  # [3, 32]
+    torch.testing.assert_close(w @ w.T, torch.eye(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close((w @ axes.T).abs(), torch.eye(3), atol=1e-2, rtol=0)  # i-th row = i-th axis, up to sign
+    projected = tower.proj(pooled)  # [400, 3]
+    torch.testing.assert_close(projected.mean(0), torch.zeros(3), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="at least 3 pooled rows"):
+        tower.fit_projection(pooled[:2])
+    with pytest.raises(ValueError, match="no projection"):
+        build_retriever(EmbedderConfig(model=TINY, pooling="mean")).query.fit_projection(pooled)
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not a BERT checkpoint folder"):
         resolve_model_dir(str(tmp_path))

@@ -38,7 +38,9 @@ class CorpusConfig:
 @dataclass(frozen=True)
 class EmbedderConfig:
     model: str = "minilm"  # "minilm" (the packaged all-MiniLM-L6-v2) or a local Hugging Face BERT folder
-    pooling: str = "cls-proj"  # "cls-proj" (REALM: [CLS] -> Linear -> LayerNorm) or "mean" (MiniLM baseline)
+    # "mean-proj": mean over tokens -> Linear -> LayerNorm (REALM's tower on MiniLM's own pooling); "cls-proj": the
+    # paper's [CLS] -> Linear -> LayerNorm (for BERT checkpoints trained through [CLS]); "mean": the MiniLM baseline
+    pooling: str = "mean-proj"
     proj_dim: int = 128
     share_towers: bool = True  # query and document embedders share weights (REALM default)
     max_query_len: int = 64
@@ -85,6 +87,7 @@ class IctConfig:
     query_len: int = 64
     remove_prob: float = 0.9  # the sentence is removed from its block with this probability
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use its fused kernel (steps ~1.4x faster)
+    pca_blocks: int = 2048  # before step 1, the projection is fitted to the principal directions of this many blocks (0: keep it random)
     eval_blocks: int = 1000  # held-out blocks for the pseudo-query recall@k
     save_every: int = 100
     seed: int = 0

@@ -42,7 +42,7 @@ def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None,
     store = CorpusStore(cfg.corpus.store)
     print(f"{len(store)} blocks of <= {store.block_len} wordpieces from {store.manifest['n_documents']} documents")
 
-    stage("3. indexes (REALM [CLS]+projection as initialised; MiniLM mean pooling baseline)")
+    stage("3. indexes (REALM's tower as initialised: a random projection to 128-d; MiniLM mean pooling baseline)")
     for name, run_cfg in (("realm", cfg), ("minilm-mean", minilm_mean_config(cfg))):
         version = timed(f"index.{name}", build_index, run_cfg)
         print(f"{name}: {run_cfg.index.dir} {version}")
@@ -53,7 +53,7 @@ def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None,
     rows, results = compare_retrievers(cfg, searchers)
     timings["eval"] = time.perf_counter() - t0
     print(markdown_table(recall_table_headers(cfg), rows))
-    print("REALM's retriever is untrained here ([CLS] + a random projection): pre-training is what makes it useful.")
+    print("REALM's retriever is untrained here (a random projection to 128-d): ICT fits it, pre-training tunes it.")
 
     stage("5. example questions (test split), top 3 blocks from each retriever")
     for q in load_questions(cfg.eval.squad, "test")[:: 997][:EXAMPLE_QUESTIONS]:

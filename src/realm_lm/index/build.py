@@ -36,17 +36,19 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]
 
 @torch.inference_mode()
 def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_tokens: int,
-               desc: str = "embedding blocks", progress: bool = True) -> np.ndarray:
-    """Embeddings [N, D] float32 of token rows ``tokens`` [N, L] with true lengths ``lengths`` [N]."""
+               desc: str = "embedding blocks", progress: bool = True, pooled: bool = False) -> np.ndarray:
+    """Embeddings [N, D] float32 of token rows ``tokens`` [N, L] with true lengths ``lengths`` [N]; with ``pooled``,
+    the tower's pooled outputs before its projection, [N, H]."""
     embedder.eval()
-    out = np.empty((len(lengths), embedder.dim), dtype=np.float32)
+    encode = embedder.pool if pooled else embedder
+    out = np.empty((len(lengths), embedder.bert.config.hidden_size if pooled else embedder.dim), dtype=np.float32)
     with tqdm(total=len(lengths), desc=desc, unit="block", disable=not progress, smoothing=0.05) as bar:
         for rows in length_batches(lengths, max_tokens):
             rows = np.sort(rows)  # ascending rows read the memory-mapped matrix in order
             width = int(lengths[rows].max())
             ids = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).long()  # [B, W]
             mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[rows])[:, None]).long()  # [B, W]
-            out[rows] = embedder(ids, mask).float().cpu().numpy()
+            out[rows] = encode(ids, mask).float().cpu().numpy()
             bar.update(len(rows))
     return out
 

@@ -1,4 +1,9 @@
-"""The retriever's towers: BERT -> [CLS] -> Linear(hidden -> 128) -> LayerNorm (REALM), or mean pooling (MiniLM)."""
+"""The retriever's towers: BERT -> pooled output -> Linear(hidden -> 128) -> LayerNorm (REALM), or mean pooling (MiniLM).
+
+REALM pools BERT's ``[CLS]`` (``cls-proj``). all-MiniLM-L6-v2 was trained as a sentence embedder through mean
+pooling, so its ``[CLS]`` carries little of its retrieval skill: ``mean-proj`` (the default) pools the way it was
+trained and keeps REALM's projection and LayerNorm.
+"""
 
 from __future__ import annotations
 
@@ -36,36 +41,63 @@ def configure_dropout(module: nn.Module, attention_p: float) -> None:
     install_cpu_dropout(module)
 
 
+POOLINGS = ("mean-proj", "cls-proj", "mean")
+
+
 class Embedder(nn.Module):
     """One tower: token ids -> a d-dimensional vector scored by inner product."""
 
     def __init__(self, bert: BertModel, pooling: str, proj_dim: int):
         super().__init__()
-        if pooling not in ("cls-proj", "mean"):
-            raise ValueError(f"pooling must be 'cls-proj' or 'mean', not {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         self.bert = bert
         self.pooling = pooling
         hidden = bert.config.hidden_size
-        if pooling == "cls-proj":
+        self.projected = pooling != "mean"
+        if self.projected:
             self.proj = nn.Linear(hidden, proj_dim)
             self.norm = nn.LayerNorm(proj_dim)
-        self.dim = proj_dim if pooling == "cls-proj" else hidden
+        self.dim = proj_dim if self.projected else hidden
 
     @property
     def device(self) -> torch.device:
         return self.bert.embeddings.word_embeddings.weight.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output before the projection: [B, H] (``[CLS]``, or the mean over real tokens)."""
         # input_ids, attention_mask: [B, L], moved to the tower's device here (batches are built on the CPU)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
                       token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # [B, L, H]
         if self.pooling == "cls-proj":
-            return self.norm(self.proj(h[:, 0])).float()  # [B, D]; fp32 under bf16 autocast too: scores need it
+            return h[:, 0]  # [B, H]
         h = h.float()
         mask = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
-        mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
-        return nn.functional.normalize(mean, dim=-1)  # all-MiniLM-L6-v2 is trained on normalised means
+        return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(input_ids, attention_mask)  # [B, H]
+        if self.projected:
+            return self.norm(self.proj(pooled)).float()  # [B, D]; fp32 under bf16 autocast too: scores need it
+        return nn.functional.normalize(pooled.float(), dim=-1)  # all-MiniLM-L6-v2 is trained on normalised means
+
+    @torch.no_grad()
+    def fit_projection(self, pooled: torch.Tensor) -> None:
+        """Set the projection to the top principal directions of ``pooled`` [N, H] (this tower's pooled outputs
+        over a sample of blocks, N >= D), centred on their mean: retrieval then starts from the pretrained
+        encoder's own geometry instead of a random projection (dev recall@5 of MiniLM's mean pooling cut to
+        128-d: 0.79 against 0.76 random; README)."""
+        if not self.projected:
+            raise ValueError(f"pooling {self.pooling!r} has no projection to fit")
+        if len(pooled) < self.dim:
+            raise ValueError(f"fitting a {self.dim}-d projection needs at least {self.dim} pooled rows, got {len(pooled)}")
+        pooled = pooled.float().to(self.proj.weight.device)
+        mean = pooled.mean(0)  # [H]
+        _, _, directions = torch.linalg.svd(pooled - mean, full_matrices=False)  # [min(N, H), H], by variance
+        weight = directions[:self.dim]  # [D, H]
+        self.proj.weight.copy_(weight)
+        self.proj.bias.copy_(-weight @ mean)
 
 
 class Retriever(nn.Module):
@@ -88,7 +120,7 @@ def build_retriever(cfg: EmbedderConfig) -> Retriever:
     torch.manual_seed(cfg.seed)  # the projection's initialisation is part of the config, not of global state
     query = Embedder(load_bert(model_dir), cfg.pooling, cfg.proj_dim)
     doc = query if cfg.share_towers else Embedder(load_bert(model_dir), cfg.pooling, cfg.proj_dim)
-    if not cfg.share_towers and cfg.pooling == "cls-proj":
+    if not cfg.share_towers and query.projected:
         doc.load_state_dict(query.state_dict())  # two copies of one initialisation
     torch.random.set_rng_state(generator_state)
     retriever = Retriever(query, doc)

@@ -56,6 +56,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_parameters(model: nn.Module) -> None:
+    """Every rank takes rank 0's weights (after an initialisation computed on each rank)."""
+    if not dist.is_initialized():
+        return
+    for p in model.parameters():
+        dist.broadcast(p.data, src=0)
+
+
 def average_gradients(model: nn.Module) -> None:
     """All-reduce every gradient into its mean over ranks (one flat buffer: one message per step). A trainable
     parameter without a gradient on this rank (e.g. no question of its batch found an answer) counts as zero,

@@ -18,6 +18,7 @@ from torch import nn
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore
+from realm_lm.index.build import embed_rows
 from realm_lm.losses import in_batch_nll
 from realm_lm.masking import build_sentence_table
 from realm_lm.models.embedder import Retriever, build_retriever, configure_dropout
@@ -69,8 +70,29 @@ class IctRecipe:
             self.step = state["step"]
             set_rng_state(state["rng"])
             print(f"resumed from {ckpt} at step {self.step}")
+        elif cfg.ict.pca_blocks and self.model.retriever.query.projected and not cfg.embedder.checkpoint:
+            self.fit_projection(held_blocks)
         if main_rank:
             truncate_metrics_log(self.run_dir, self.step)
+
+    def fit_projection(self, held_blocks: np.ndarray) -> None:
+        """The projection starts at the principal directions of the pooled outputs of up to ``ict.pca_blocks``
+        training blocks rather than at random (Embedder.fit_projection); every rank takes rank 0's result."""
+        rng = np.random.default_rng(self.cfg.ict.seed)
+        train_blocks = np.nonzero(~held_blocks)[0]
+        rows = np.sort(rng.permutation(train_blocks)[:self.cfg.ict.pca_blocks])
+        tower = self.model.retriever.query
+        if len(rows) < tower.dim or tower.dim > tower.bert.config.hidden_size:
+            print(f"ICT keeps the random projection: a {tower.dim}-d fit needs {tower.dim} blocks and hidden size "
+                  f">= {tower.dim} (have {len(rows)} and {tower.bert.config.hidden_size})")
+            return
+        with autocast(self.device, self.cfg.runtime.precision):
+            pooled = embed_rows(tower, self.store.tokens[rows], self.store.lengths[rows],
+                                self.cfg.index.embed_batch_tokens, desc="fitting the projection",
+                                progress=distributed.is_main(), pooled=True)  # [N, H]
+        for t in {tower, self.model.retriever.doc}:
+            t.fit_projection(torch.from_numpy(pooled))
+        distributed.broadcast_parameters(self.model)
 
     def title_ids(self, row: int) -> np.ndarray:
         return title_and_body(self.store, row, self.special.sep)[0]
