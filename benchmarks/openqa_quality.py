@@ -85,6 +85,8 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
     t0 = time.perf_counter()
     figures["recall@5_before"] = round(start_recall(cfg, kind, init_from, store, splits["test"]), 4)
     figures["recall_before_s"] = round(time.perf_counter() - t0, 1)
+    if run_dir.is_symlink():  # a run linked in from another folder is replaced here, never written through
+        run_dir.unlink()
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
     history = finetune_main(vcfg)
