@@ -41,7 +41,7 @@ def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_
     the tower's pooled outputs before its projection, [N, H]."""
     embedder.eval()
     encode = embedder.pool if pooled else embedder
-    out = np.empty((len(lengths), embedder.bert.config.hidden_size if pooled else embedder.dim), dtype=np.float32)
+    out = np.empty((len(lengths), embedder.hidden if pooled else embedder.dim), dtype=np.float32)
     with tqdm(total=len(lengths), desc=desc, unit="block", disable=not progress, smoothing=0.05) as bar:
         for rows in length_batches(lengths, max_tokens):
             rows = np.sort(rows)  # ascending rows read the memory-mapped matrix in order

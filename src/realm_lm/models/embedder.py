@@ -53,12 +53,12 @@ class Embedder(nn.Module):
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         self.bert = bert
         self.pooling = pooling
-        hidden = bert.config.hidden_size
+        self.hidden = bert.config.hidden_size  # width of the pooled output
         self.projected = pooling != "mean"
         if self.projected:
-            self.proj = nn.Linear(hidden, proj_dim)
+            self.proj = nn.Linear(self.hidden, proj_dim)
             self.norm = nn.LayerNorm(proj_dim)
-        self.dim = proj_dim if self.projected else hidden
+        self.dim = proj_dim if self.projected else self.hidden
 
     @property
     def device(self) -> torch.device:
@@ -90,8 +90,9 @@ class Embedder(nn.Module):
         128-d: 0.791 against 0.745 random; README)."""
         if not self.projected:
             raise ValueError(f"pooling {self.pooling!r} has no projection to fit")
-        if len(pooled) < self.dim:
-            raise ValueError(f"fitting a {self.dim}-d projection needs at least {self.dim} pooled rows, got {len(pooled)}")
+        if min(len(pooled), self.hidden) < self.dim:  # the SVD gives min(N, H) directions
+            raise ValueError(f"fitting a {self.dim}-d projection needs at least {self.dim} pooled rows of width "
+                             f">= {self.dim}, got {len(pooled)} of width {self.hidden}")
         pooled = pooled.float().to(self.proj.weight.device)
         mean = pooled.mean(0)  # [H]
         _, _, directions = torch.linalg.svd(pooled - mean, full_matrices=False)  # [min(N, H), H], by variance

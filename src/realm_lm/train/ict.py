@@ -82,9 +82,9 @@ class IctRecipe:
         train_blocks = np.nonzero(~held_blocks)[0]
         rows = np.sort(rng.permutation(train_blocks)[:self.cfg.ict.pca_blocks])
         tower = self.model.retriever.query
-        if len(rows) < tower.dim or tower.dim > tower.bert.config.hidden_size:
+        if min(len(rows), tower.hidden) < tower.dim:  # checked before embedding anything (Embedder.fit_projection)
             print(f"ICT keeps the random projection: a {tower.dim}-d fit needs {tower.dim} blocks and hidden size "
-                  f">= {tower.dim} (have {len(rows)} and {tower.bert.config.hidden_size})")
+                  f">= {tower.dim} (have {len(rows)} and {tower.hidden})")
             return
         with autocast(self.device, self.cfg.runtime.precision):
             pooled = embed_rows(tower, self.store.tokens[rows], self.store.lengths[rows],
