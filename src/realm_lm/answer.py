@@ -51,16 +51,20 @@ class Response:
     hits: list[Hit]  # the retrieved blocks, in rank order
 
 
-def load_reader(run_dir: str | Path) -> tuple[Reader, RunConfig]:
-    """The fine-tuned reader of a `realm finetune` run (its latest checkpoint) and the run's config."""
+def load_reader(run_dir: str | Path) -> tuple[Reader, float, RunConfig]:
+    """The fine-tuned reader of a `realm finetune` run (its latest checkpoint), the retrieval scale it learned with
+    (1.0 for runs that had none: BM25, or before the scale was learned) and the run's config."""
     from safetensors.torch import load_file
+
+    from realm_lm.train.finetune import RETRIEVAL_SCALE_KEY
 
     run_cfg = run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {run_dir}")
-    tensors = {k.removeprefix("reader."): v for k, v in load_file(str(ckpt / "model.safetensors")).items()
-               if k.startswith("reader.")}
+    saved = load_file(str(ckpt / "model.safetensors"))
+    scale = float(saved[RETRIEVAL_SCALE_KEY].exp()) if RETRIEVAL_SCALE_KEY in saved else 1.0
+    tensors = {k.removeprefix("reader."): v for k, v in saved.items() if k.startswith("reader.")}
     if not tensors:
         raise CheckpointError(f"{ckpt} has no reader: answer with a `realm finetune` run (this one is not)")
     r = run_cfg.reader
@@ -69,7 +73,7 @@ def load_reader(run_dir: str | Path) -> tuple[Reader, RunConfig]:
         reader.load_state_dict(tensors)
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt}: the reader's weights do not fit its config: {err}") from err
-    return reader.eval(), run_cfg
+    return reader.eval(), scale, run_cfg
 
 
 def quantize_int8(reader: Reader) -> Reader:
@@ -107,11 +111,12 @@ class Answerer:
     """A retriever (any :class:`~realm_lm.retrieval.Searcher` over ``store``) and a span reader."""
 
     def __init__(self, searcher: Searcher, reader: Reader, reader_cfg: ReaderConfig, tok, dense: bool,
-                 top_k: int | None = None, precision: str = "fp32"):
+                 top_k: int | None = None, precision: str = "fp32", retrieval_scale: float = 1.0):
         self.searcher, self.reader, self.reader_cfg = searcher, reader.eval(), reader_cfg
         self.precision = precision  # of the reader's forward pass (runtime.precision)
         self.store = searcher.store
-        self.dense = dense  # dense scores are retrieval logits; BM25's are not on the reader's scale
+        self.dense = dense  # dense scores (times the learned scale) are retrieval logits; BM25's are not on the reader's scale
+        self.retrieval_scale = retrieval_scale
         self.top_k = top_k or reader_cfg.top_k
         self.tok = tok
         self.special = SpecialIds(tok)
@@ -121,7 +126,7 @@ class Answerer:
     def from_run(cls, cfg: RunConfig, run_dir: str | Path, store: CorpusStore | None = None) -> "Answerer":
         """A fine-tuned run's retriever (its index of ``cfg.corpus.store``, built on first use) and reader;
         top-k and batching from ``cfg.reader``, everything the weights depend on from the run's own config."""
-        reader, run_cfg = load_reader(run_dir)
+        reader, scale, run_cfg = load_reader(run_dir)
         store = store or CorpusStore(cfg.corpus.store)
         kind = run_cfg.finetune.retriever
         searcher = make_searcher(trained_config(cfg, run_dir) if kind == "realm" else cfg, kind, store)
@@ -136,20 +141,23 @@ class Answerer:
                 raise ValueError("reader.int8 takes fp32 inputs: set runtime.precision = \"auto\" or \"fp32\"")
             reader, precision = quantize_int8(reader), "fp32"
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
-        return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=precision)
+        return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=precision,
+                   retrieval_scale=scale)
 
-    def retrieve(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Retrieval logits [Q, k] (zeros for BM25: its scores are not on the reader's scale) and rows [Q, k]."""
+    def retrieve(self, questions: Sequence[str], k: int,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The searcher's scores [Q, k], retrieval logits [Q, k] (the scaled scores; zeros for BM25: its scores are
+        not on the reader's scale) and rows [Q, k]."""
         scores, rows = self.searcher.search(questions, k, progress=progress)
-        logits = scores if self.dense else np.zeros_like(scores)
-        return logits.astype(np.float32), rows
+        logits = scores * self.retrieval_scale if self.dense else np.zeros_like(scores)
+        return scores, logits.astype(np.float32), rows
 
     @torch.inference_mode()
     def answer(self, questions: Sequence[str], k: int | None = None, top_n: int = 5,
                progress: bool = False) -> list[Response]:
         questions = [check_question(q) for q in questions]
         k = min(k or self.top_k, len(self.store))  # a corpus smaller than k: read every block
-        logits, rows = self.retrieve(questions, k, progress=progress)
+        scores, logits, rows = self.retrieve(questions, k, progress=progress)
         r = self.reader_cfg
         out = []
         for start in tqdm(range(0, len(questions), r.batch_questions), desc="reading", unit="batch",
@@ -167,7 +175,7 @@ class Answerer:
                 qi = start + i
                 answers = self.decode(batch, i, k, span_logits[i], torch.from_numpy(logits[qi]), starts, ends,
                                       top_n)
-                out.append(Response(question, answers, hits_of(self.store, logits[qi], rows[qi])))
+                out.append(Response(question, answers, hits_of(self.store, scores[qi], rows[qi])))
         return out
 
     def decode(self, batch: ReaderBatch, i: int, k: int, span_logits: torch.Tensor, retrieval_logits: torch.Tensor,

@@ -146,6 +146,9 @@ class FinetuneConfig:
     warmup_steps: int = -1  # -1: steps / 10
     weight_decay: float = 0.01
     retriever_loss_weight: float = 1.0  # weight of the retriever's marginal loss beside the reader's
+    # dense runs score a block f(x, z) = retrieval_scale * q.d, the scale learned with the span head (log-parametrised):
+    # LayerNormed 128-d towers give inner products near 100, and at scale 1 p(z|x) is near one-hot on the top block
+    retrieval_scale: float = 0.1
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use its fused kernel (steps ~1.4x faster)
     save_every: int = 100
     seed: int = 0

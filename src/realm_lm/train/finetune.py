@@ -8,6 +8,7 @@ process reads its own ``finetune.batch_size`` questions of the step and gradient
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,16 +39,26 @@ from realm_lm.train.loop import run_steps
 from realm_lm.train.pretrain import linear_schedule
 
 RETRIEVERS = ("realm", "bm25")
+RETRIEVAL_SCALE_KEY = "log_retrieval_scale"  # its name in a fine-tuning checkpoint
 
 
 class QaModel(nn.Module):
-    """What fine-tuning trains (``reader.*``) and what it keeps (``retriever.query`` trained, ``retriever.doc``
-    frozen: the index was made with it). BM25 runs have no retriever."""
+    """What fine-tuning trains (``reader.*``, the retrieval scale) and what it keeps (``retriever.query`` trained,
+    ``retriever.doc`` frozen: the index was made with it). BM25 runs have no retriever and no scale."""
 
-    def __init__(self, retriever: Retriever | None, reader: Reader):
+    def __init__(self, retriever: Retriever | None, reader: Reader, retrieval_scale: float = 1.0):
         super().__init__()
         self.retriever = retriever
         self.reader = reader
+        if retriever is None:
+            self.register_parameter(RETRIEVAL_SCALE_KEY, None)
+        else:  # f(x, z) = exp(log_scale) * q.d: a positive temperature that the losses calibrate
+            self.log_retrieval_scale = nn.Parameter(torch.tensor(math.log(retrieval_scale)))
+
+    def retrieval_logits(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """q: [B, D] queries; blocks: [B, k, D] their retrieved blocks -> f(x, z): [B, k], in fp32."""
+        with torch.autocast(q.device.type, enabled=False):
+            return torch.einsum("bd,bkd->bk", q.float(), blocks.float()) * self.log_retrieval_scale.exp()
 
 
 def checkpoint_keys(run_dir: str | Path) -> set[str]:
@@ -90,7 +101,9 @@ class FinetuneRecipe:
 
         retriever = self.setup_retriever(init_keys, progress) if self.dense else None
         reader = Reader(load_bert(resolve_model_dir(cfg.encoder.model)), r.span_hidden, r.max_span_len)
-        self.model = QaModel(retriever, reader)
+        if f.retrieval_scale <= 0:
+            raise ValueError(f"finetune.retrieval_scale must be > 0, not {f.retrieval_scale}")
+        self.model = QaModel(retriever, reader, f.retrieval_scale)
         if any(k.startswith("encoder.bert.") for k in init_keys):  # REALM pre-training: the reader reads with its encoder
             from safetensors.torch import load_file
 
@@ -107,6 +120,9 @@ class FinetuneRecipe:
         head = [*reader.start_proj.parameters(), *reader.end_proj.parameters(), *reader.norm.parameters(),
                 *reader.score.parameters()]
         groups = [{"params": [*reader.bert.parameters()]}, {"params": head, "lr": f.lr * f.head_lr_scale}]
+        if self.dense:  # a temperature, not a weight: no decay towards scale 1
+            groups.append({"params": [self.model.log_retrieval_scale], "lr": f.lr * f.head_lr_scale,
+                           "weight_decay": 0.0})
         if self.dense and f.train_query_tower:
             groups.append({"params": [*self.model.retriever.query.parameters()], "lr": f.lr * f.query_lr_scale})
         self.opt = torch.optim.AdamW(groups, lr=f.lr, weight_decay=f.weight_decay)
@@ -169,8 +185,7 @@ class FinetuneRecipe:
             _, rows = self.index.search(q.detach().float().cpu().numpy(), k)  # [B, k] from the fixed index
             blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32))
             blocks = blocks.view(*rows.shape, -1).to(self.device)  # [B, k, D]
-            with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
-                retrieval_logits = torch.einsum("bd,bkd->bk", q, blocks)  # [B, k]
+            retrieval_logits = model.retrieval_logits(q, blocks)  # [B, k]
         else:
             rows = self.bm25_rows[idx]
             retrieval_logits = torch.zeros(len(idx), k, device=self.device)  # BM25 scores are not on the reader's scale
@@ -230,6 +245,8 @@ class FinetuneRecipe:
         self.opt.step()
         self.sched.step()
         metrics = distributed.mean_scalars({k: float(v.detach()) for k, v in out.items()})
+        if self.dense:
+            metrics["retrieval_scale"] = self.model.log_retrieval_scale.exp().item()
         return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]}
 
     # -- loop -----------------------------------------------------------------------------------------------
