@@ -58,7 +58,7 @@ def test_gradients_reach_both_towers_and_the_encoder(tmp_path):
         recipe.forward(batch)["loss"].backward()
         m = recipe.model
         for name, module in [("query", m.retriever.query), ("doc", m.retriever.doc), ("encoder", m.encoder.bert),
-                             ("mlm head", m.encoder.head.dense)]:
+                             ("mlm head", m.encoder.head.dense), ("retrieval scale", m.retrieval_scale)]:
             grads = [p.grad for p in module.parameters() if p.grad is not None]
             assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reaches the {name}"
     finally:
@@ -72,6 +72,9 @@ def test_three_steps_refresh_and_resume_reproduce_the_losses(tmp_path):
     full.close()
     losses = [h["loss"] for h in history]
     assert len(losses) == 3 and all(np.isfinite(losses))
+    scale_group = next(g for g in full.opt.param_groups if g["params"] == [full.model.retrieval_scale.log_scale])
+    assert scale_group["weight_decay"] == 0  # a temperature, learned and never decayed towards 1
+    assert history[0]["retrieval_scale"] != full.cfg.pretrain.retrieval_scale
     # sync refresh every 2 steps: the initial index (step 0) and one refresh at step 2
     assert history[-1]["index_version"] == "v000002" and history[-1]["refreshes"] == 2
     assert history[1]["staleness"] == 2 and history[2]["staleness"] == 1

@@ -18,7 +18,8 @@ from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 from realm_lm.retrieval import BadQuestionError
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
 from realm_lm.train.checkpoint import latest_checkpoint
-from realm_lm.train.finetune import FinetuneRecipe, QaModel, clip_each_group
+from realm_lm.train.finetune import FinetuneRecipe, QaModel
+from realm_lm.train.loop import clip_each_group
 
 from realm_lm.eval.metrics import exact_match, f1_score
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
@@ -219,11 +220,11 @@ def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path, read
     assert group_lr[id(recipe.model.reader.score.weight)] == pytest.approx(f.lr * f.head_lr_scale)
     assert group_lr[id(next(recipe.model.reader.bert.parameters()))] == pytest.approx(f.lr)
     assert not any(id(p) in group_lr for p in recipe.model.retriever.doc.parameters())
-    log_scale = recipe.model.log_retrieval_scale
+    log_scale = recipe.model.retrieval_scale.log_scale
     scale_group = next(g for g in recipe.opt.param_groups if any(p is log_scale for p in g["params"]))
     assert scale_group["initial_lr"] == pytest.approx(f.lr * f.head_lr_scale) and scale_group["weight_decay"] == 0
     assert log_scale.exp().item() == pytest.approx(f.retrieval_scale)
-    scale_before = float(log_scale)
+    scale_before = log_scale.item()
     doc_before = {k: v.clone() for k, v in recipe.model.retriever.doc.state_dict().items()}
     query_before = {k: v.clone() for k, v in recipe.model.retriever.query.state_dict().items()}
     reader_before = {k: v.clone() for k, v in recipe.model.reader.state_dict().items()}
@@ -235,7 +236,7 @@ def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path, read
     changed = lambda before, module: any(not torch.equal(before[k], v) for k, v in module.state_dict().items())  # noqa: E731
     assert not changed(doc_before, recipe.model.retriever.doc)
     assert changed(query_before, recipe.model.retriever.query) and changed(reader_before, recipe.model.reader)
-    assert float(log_scale) != scale_before  # the losses calibrate the retrieval scale
+    assert log_scale.item() != scale_before  # the losses calibrate the retrieval scale
 
 
 def test_retrieval_logits_are_the_scaled_inner_products():
@@ -244,7 +245,7 @@ def test_retrieval_logits_are_the_scaled_inner_products():
     q, blocks = torch.randn(2, 4), torch.randn(2, 3, 4)  # [B, D], [B, k, D]
     want = torch.stack([blocks[b] @ q[b] for b in range(2)]) * 0.25  # [B, k]
     assert torch.allclose(model.retrieval_logits(q, blocks), want, atol=1e-6)
-    assert QaModel(None, Reader(bert)).log_retrieval_scale is None  # BM25: no scale
+    assert QaModel(None, Reader(bert)).retrieval_scale is None  # BM25: no scale
 
 
 def test_finetune_resume_reproduces_the_losses(tmp_path):
@@ -297,7 +298,7 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
     # the learned scale is what answering uses: p(block) = softmax(scale * q.d), the hits keep the raw q.d
     cfg = finetune_cfg(tmp_path)
     answerer = Answerer.from_run(cfg, run)
-    saved = load_file(str(latest_checkpoint(run) / "model.safetensors"))["log_retrieval_scale"]
+    saved = load_file(str(latest_checkpoint(run) / "model.safetensors"))["retrieval_scale.log_scale"]
     assert answerer.retrieval_scale == pytest.approx(float(saved.exp())) != cfg.finetune.retrieval_scale
     response = answerer.answer(["Who built Aldermoor?"])[0]
     raw = torch.tensor([h.score for h in response.hits])  # [k]

@@ -110,6 +110,7 @@ class PretrainConfig:
     max_masks: int = 10
     masking: str = "salient"  # salient | random-uniform | random-span
     marginal: str = "per-token"  # per-token (released code) | paper (product over masks inside the sum over z)
+    retrieval_scale: float = 0.1  # f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
     heldout_every: int = 20  # every 20th block (by id hash) is held out of training, for evaluation
     save_every: int = 50
     log_every: int = 1
@@ -146,9 +147,7 @@ class FinetuneConfig:
     warmup_steps: int = -1  # -1: steps / 10
     weight_decay: float = 0.01
     retriever_loss_weight: float = 1.0  # weight of the retriever's marginal loss beside the reader's
-    # dense runs score a block f(x, z) = retrieval_scale * q.d, the scale learned with the span head (log-parametrised):
-    # LayerNormed 128-d towers give inner products near 100, and at scale 1 p(z|x) is near one-hot on the top block
-    retrieval_scale: float = 0.1
+    retrieval_scale: float = 0.1  # dense runs: f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use its fused kernel (steps ~1.4x faster)
     save_every: int = 100
     seed: int = 0

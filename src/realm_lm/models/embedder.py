@@ -8,6 +8,7 @@ trained and keeps REALM's projection and LayerNorm.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -112,6 +113,27 @@ class Retriever(nn.Module):
     @property
     def shared(self) -> bool:
         return self.query is self.doc
+
+
+class RetrievalScale(nn.Module):
+    """f(x, z) = scale * q.d, the scale learned (log-parametrised, so it stays positive). REALM's towers end in a
+    LayerNorm over 128 dims, so q.d runs near 100 and a few points separate the top blocks: at scale 1, p(z|x)
+    is one-hot on the top block (median p = 0.95 over the top 5 of Open-SQuAD; p(null) ~ 1e-20 in pre-training),
+    so the marginal over blocks reads one block and passes the retriever almost no gradient. ORQA and REALM
+    calibrate through the LayerNorm's gain over 100k+ steps; short runs need the temperature outright."""
+
+    def __init__(self, init: float = 1.0):
+        super().__init__()
+        if init <= 0:
+            raise ValueError(f"a retrieval scale must be > 0, not {init}")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+
+    @property
+    def value(self) -> float:
+        return self.log_scale.exp().item()
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.float() * self.log_scale.exp()  # fp32, also under bf16 autocast
 
 
 def build_retriever(cfg: EmbedderConfig) -> Retriever:

@@ -8,7 +8,6 @@ process reads its own ``finetune.batch_size`` questions of the step and gradient
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import build_index
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
-from realm_lm.models.embedder import Retriever, build_retriever, load_bert, configure_dropout
+from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
@@ -35,11 +34,11 @@ from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
                                        truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
-from realm_lm.train.loop import run_steps
+from realm_lm.train.loop import clip_each_group, run_steps
 from realm_lm.train.pretrain import linear_schedule
 
 RETRIEVERS = ("realm", "bm25")
-RETRIEVAL_SCALE_KEY = "log_retrieval_scale"  # its name in a fine-tuning checkpoint
+RETRIEVAL_SCALE_KEY = "retrieval_scale.log_scale"  # its name in a fine-tuning checkpoint
 
 
 class QaModel(nn.Module):
@@ -50,15 +49,12 @@ class QaModel(nn.Module):
         super().__init__()
         self.retriever = retriever
         self.reader = reader
-        if retriever is None:
-            self.register_parameter(RETRIEVAL_SCALE_KEY, None)
-        else:  # f(x, z) = exp(log_scale) * q.d: a positive temperature that the losses calibrate
-            self.log_retrieval_scale = nn.Parameter(torch.tensor(math.log(retrieval_scale)))
+        self.retrieval_scale = RetrievalScale(retrieval_scale) if retriever is not None else None
 
     def retrieval_logits(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """q: [B, D] queries; blocks: [B, k, D] their retrieved blocks -> f(x, z): [B, k], in fp32."""
         with torch.autocast(q.device.type, enabled=False):
-            return torch.einsum("bd,bkd->bk", q.float(), blocks.float()) * self.log_retrieval_scale.exp()
+            return self.retrieval_scale(torch.einsum("bd,bkd->bk", q.float(), blocks.float()))
 
 
 def checkpoint_keys(run_dir: str | Path) -> set[str]:
@@ -101,8 +97,6 @@ class FinetuneRecipe:
 
         retriever = self.setup_retriever(init_keys, progress) if self.dense else None
         reader = Reader(load_bert(resolve_model_dir(cfg.encoder.model)), r.span_hidden, r.max_span_len)
-        if f.retrieval_scale <= 0:
-            raise ValueError(f"finetune.retrieval_scale must be > 0, not {f.retrieval_scale}")
         self.model = QaModel(retriever, reader, f.retrieval_scale)
         if any(k.startswith("encoder.bert.") for k in init_keys):  # REALM pre-training: the reader reads with its encoder
             from safetensors.torch import load_file
@@ -121,7 +115,7 @@ class FinetuneRecipe:
                 *reader.score.parameters()]
         groups = [{"params": [*reader.bert.parameters()]}, {"params": head, "lr": f.lr * f.head_lr_scale}]
         if self.dense:  # a temperature, not a weight: no decay towards scale 1
-            groups.append({"params": [self.model.log_retrieval_scale], "lr": f.lr * f.head_lr_scale,
+            groups.append({"params": [*self.model.retrieval_scale.parameters()], "lr": f.lr * f.head_lr_scale,
                            "weight_decay": 0.0})
         if self.dense and f.train_query_tower:
             groups.append({"params": [*self.model.retriever.query.parameters()], "lr": f.lr * f.query_lr_scale})
@@ -246,7 +240,7 @@ class FinetuneRecipe:
         self.sched.step()
         metrics = distributed.mean_scalars({k: float(v.detach()) for k, v in out.items()})
         if self.dense:
-            metrics["retrieval_scale"] = self.model.log_retrieval_scale.exp().item()
+            metrics["retrieval_scale"] = self.model.retrieval_scale.value
         return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0]}
 
     # -- loop -----------------------------------------------------------------------------------------------
@@ -259,15 +253,6 @@ class FinetuneRecipe:
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
                                {"config": config_to_dict(self.run_config()), "kind": "finetune"})
-
-
-def clip_each_group(opt: torch.optim.Optimizer, max_norm: float) -> None:
-    """Clip each parameter group's gradient norm on its own. With one global norm the query tower's gradient
-    (about 5x the reader's in joint fine-tuning) set the clipping factor, so the reader's steps shrank and jumped
-    with it: on the CPU preset, (d) read at 4.8 and 10.3 test EM with global clipping (seeds 0, 1), 12.2, 11.5
-    and 10.3 with this (seeds 0-2; benchmarks/openqa_quality.py)."""
-    for group in opt.param_groups:
-        torch.nn.utils.clip_grad_norm_(group["params"], max_norm)
 
 
 def main(cfg: RunConfig, resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:

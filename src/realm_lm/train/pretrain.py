@@ -18,7 +18,7 @@ from realm_lm.index.refresher import IndexRefresher
 from realm_lm.losses import marginal_nll, retrieval_utility
 from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, salient_spans,
                               spans_per_sentence)
-from realm_lm.models.embedder import Retriever, build_retriever, load_bert, configure_dropout
+from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
@@ -27,16 +27,18 @@ from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_
                                        truncate_metrics_log)
 from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
                                  pad_rows)
-from realm_lm.train.loop import run_steps
+from realm_lm.train.loop import clip_each_group, run_steps
 
 
 class RealmModel(nn.Module):
-    """Everything REALM pre-training trains: the retriever's towers and the knowledge-augmented encoder."""
+    """Everything REALM pre-training trains: the retriever's towers, the scale of its scores and the
+    knowledge-augmented encoder."""
 
-    def __init__(self, retriever: Retriever, encoder: KnowledgeEncoder):
+    def __init__(self, retriever: Retriever, encoder: KnowledgeEncoder, retrieval_scale: float = 1.0):
         super().__init__()
         self.retriever = retriever
         self.encoder = encoder
+        self.retrieval_scale = RetrievalScale(retrieval_scale)
 
 
 def warmup_steps(cfg: RunConfig) -> int:
@@ -85,7 +87,7 @@ class PretrainRecipe:
         torch.manual_seed(p.seed)
         retriever = build_retriever(cfg.embedder)
         encoder = KnowledgeEncoder(load_bert(resolve_model_dir(cfg.encoder.model)))
-        self.model = RealmModel(retriever, encoder)
+        self.model = RealmModel(retriever, encoder, p.retrieval_scale)
         if p.init_from:
             ckpt = latest_checkpoint(p.init_from)
             if ckpt is None:
@@ -101,7 +103,9 @@ class PretrainRecipe:
         encoder_params = [t for t in self.model.encoder.parameters() if id(t) not in new_ids]
         self.opt = torch.optim.AdamW([{"params": encoder_params},
                                       {"params": retriever_params, "lr": p.lr * p.retriever_lr_scale},
-                                      {"params": new_params, "lr": p.lr * p.head_lr_scale}],
+                                      {"params": new_params, "lr": p.lr * p.head_lr_scale},
+                                      {"params": [*self.model.retrieval_scale.parameters()],  # a temperature: no decay
+                                       "lr": p.lr * p.head_lr_scale, "weight_decay": 0.0}],
                                      lr=p.lr, weight_decay=p.weight_decay)
         self.sched = linear_schedule(self.opt, warmup_steps(cfg), p.steps)
 
@@ -162,7 +166,8 @@ class PretrainRecipe:
         d = model.retriever.doc(d_ids, d_mask)  # [1 + B*k, D]
         d_cand = d[1:].view(B, k, -1)  # [B, k, D]
         with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
-            logits = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
+            scores = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
+            logits = model.retrieval_scale(scores)  # [B, k+1]
         bodies = [[body_of(self.store, r, sp.sep) for r in c] + [np.zeros(0, np.int64)] for c in cands]
         ids, mask, types = joint_inputs(batch.queries, bodies, sp, self.cfg.encoder.max_joint_len)  # [B*(k+1), W]
         K = k + 1
@@ -196,10 +201,10 @@ class PretrainRecipe:
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         distributed.average_gradients(self.model)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        clip_each_group(self.opt, 1.0)  # the scale's gradient would otherwise shrink everyone's steps
         self.opt.step()
         self.sched.step()
-        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics = {k: float(v.detach()) for k, v in out.items()} | {"retrieval_scale": self.model.retrieval_scale.value}
         metrics |= distributed.mean_scalars({k: metrics[k] for k in ("loss", "mask_acc", "ru_top", "p_null")})
         stats = self.refresher.stats
         return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
