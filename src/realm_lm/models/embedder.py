@@ -118,7 +118,7 @@ class Retriever(nn.Module):
 class RetrievalScale(nn.Module):
     """f(x, z) = scale * q.d, the scale learned (log-parametrised, so it stays positive). REALM's towers end in a
     LayerNorm over 128 dims, so q.d runs near 100 and a few points separate the top blocks: at scale 1, p(z|x)
-    is one-hot on the top block (median p = 0.95 over the top 5 of Open-SQuAD; p(null) ~ 1e-20 in pre-training),
+    is one-hot on the top block (median p = 0.95 over the top 5 of Open-SQuAD; median p(null) 3e-14 in pre-training),
     so the marginal over blocks reads one block and passes the retriever almost no gradient. ORQA and REALM
     calibrate through the LayerNorm's gain over 100k+ steps; short runs need the temperature outright."""
 
