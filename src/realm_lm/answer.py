@@ -115,7 +115,7 @@ class Answerer:
         self.searcher, self.reader, self.reader_cfg = searcher, reader.eval(), reader_cfg
         self.precision = precision  # of the reader's forward pass (runtime.precision)
         self.store = searcher.store
-        self.dense = dense  # dense scores (times the learned scale) are retrieval logits; BM25's are not on the reader's scale
+        self.dense = dense  # dense scores x the learned scale are retrieval logits; BM25's are not on the reader's scale
         self.retrieval_scale = retrieval_scale
         self.top_k = top_k or reader_cfg.top_k
         self.tok = tok
