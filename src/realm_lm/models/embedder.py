@@ -132,6 +132,10 @@ class RetrievalScale(nn.Module):
     def value(self) -> float:
         return self.log_scale.exp().item()
 
+    def param_group(self, lr: float) -> dict:
+        """Its optimizer group: a temperature, not a weight, so no decay pulls it towards scale 1."""
+        return {"params": [self.log_scale], "lr": lr, "weight_decay": 0.0}
+
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.float() * self.log_scale.exp()  # fp32, also under bf16 autocast
 

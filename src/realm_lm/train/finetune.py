@@ -54,7 +54,7 @@ class QaModel(nn.Module):
     def retrieval_logits(self, q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """q: [B, D] queries; blocks: [B, k, D] their retrieved blocks -> f(x, z): [B, k], in fp32."""
         with torch.autocast(q.device.type, enabled=False):
-            return self.retrieval_scale(torch.einsum("bd,bkd->bk", q.float(), blocks.float()))
+            return self.retrieval_scale(torch.einsum("bd,bkd->bk", q, blocks))
 
 
 def checkpoint_keys(run_dir: str | Path) -> set[str]:
@@ -114,9 +114,8 @@ class FinetuneRecipe:
         head = [*reader.start_proj.parameters(), *reader.end_proj.parameters(), *reader.norm.parameters(),
                 *reader.score.parameters()]
         groups = [{"params": [*reader.bert.parameters()]}, {"params": head, "lr": f.lr * f.head_lr_scale}]
-        if self.dense:  # a temperature, not a weight: no decay towards scale 1
-            groups.append({"params": [*self.model.retrieval_scale.parameters()], "lr": f.lr * f.head_lr_scale,
-                           "weight_decay": 0.0})
+        if self.dense:
+            groups.append(self.model.retrieval_scale.param_group(f.lr * f.head_lr_scale))
         if self.dense and f.train_query_tower:
             groups.append({"params": [*self.model.retriever.query.parameters()], "lr": f.lr * f.query_lr_scale})
         self.opt = torch.optim.AdamW(groups, lr=f.lr, weight_decay=f.weight_decay)

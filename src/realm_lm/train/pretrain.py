@@ -104,8 +104,7 @@ class PretrainRecipe:
         self.opt = torch.optim.AdamW([{"params": encoder_params},
                                       {"params": retriever_params, "lr": p.lr * p.retriever_lr_scale},
                                       {"params": new_params, "lr": p.lr * p.head_lr_scale},
-                                      {"params": [*self.model.retrieval_scale.parameters()],  # a temperature: no decay
-                                       "lr": p.lr * p.head_lr_scale, "weight_decay": 0.0}],
+                                      self.model.retrieval_scale.param_group(p.lr * p.head_lr_scale)],
                                      lr=p.lr, weight_decay=p.weight_decay)
         self.sched = linear_schedule(self.opt, warmup_steps(cfg), p.steps)
 
