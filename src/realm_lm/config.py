@@ -87,8 +87,6 @@ class IctConfig:
     query_len: int = 64
     remove_prob: float = 0.9  # the sentence is removed from its block with this probability
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use its fused kernel (steps ~1.4x faster)
-    in_batch_scale: float = 0.1  # the in-batch softmax runs over scale * q.d (q.d ~ 100 after the LayerNorm), the scale learned
-    scale_lr: float = 1e-3  # the scale's own learning rate: at ICT's lr it would not move
     pca_blocks: int = 2048  # before step 1, the projection is fitted to the principal directions of this many blocks (0: keep it random)
     eval_blocks: int = 1000  # held-out blocks for the pseudo-query recall@k
     save_every: int = 100

@@ -36,12 +36,12 @@ def retrieval_utility(token_logp: torch.Tensor, mask: torch.Tensor, null_index: 
     return log_py_z - log_py_z[:, null_index:null_index + 1]
 
 
-def in_batch_nll(query_emb: torch.Tensor, block_emb: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+def in_batch_nll(query_emb: torch.Tensor, block_emb: torch.Tensor) -> torch.Tensor:
     """ICT / dual-encoder loss: query i's positive is block i, the other blocks of the batch are negatives.
 
-    query_emb: [B, D]; block_emb: [B, D]; scale: the softmax's inverse temperature (a 0-d tensor when learned).
+    query_emb: [B, D]; block_emb: [B, D].
     """
-    logits = (query_emb @ block_emb.T) * scale  # [B, B]
+    logits = query_emb @ block_emb.T  # [B, B]
     return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 
