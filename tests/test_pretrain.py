@@ -171,3 +171,44 @@ def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
     assert f"resumed from {tmp_path / 'pretrain' / 'checkpoints' / saved}" in result.stdout
     steps = [json.loads(l)["step"] for l in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # the lines of the lost steps were dropped and redone: no gaps, no repeats
+
+
+def test_a_builder_that_keeps_failing_stops_training_with_the_steps_saved(tmp_path, monkeypatch):
+    """A builder that exits non-zero is survived once; refresh.max_failures in a row stop the run with a clear
+    error (else it would silently become the never-refreshed ablation), after saving the steps done for --resume."""
+    import sys
+
+    from realm_lm.index.refresher import IndexBuilderError
+    from realm_lm.train.checkpoint import latest_checkpoint
+
+    extra = ("refresh.mode=sync", "refresh.every=1", "refresh.max_failures=2", "pretrain.steps=4",
+             "pretrain.save_every=100")
+    recipe = recipe_for(tmp_path, *extra)
+    recipe.setup()  # the first index is built by a working builder
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # every later builder exits 1
+    with pytest.raises(IndexBuilderError, match="failed 2 times in a row"):
+        recipe.train()
+    recipe.close()
+    assert recipe.step == 2 and latest_checkpoint(recipe.run_dir).name == "step_0000002"
+    lines = [json.loads(x) for x in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["refresh_failures"] for m in lines] == [0, 1]
+
+    monkeypatch.undo()  # the builder is mended: the run resumes where it stopped and finishes
+    resumed = recipe_for(tmp_path, *extra)
+    resumed.setup(resume=True)
+    assert resumed.step == 2
+    resumed.train()
+    resumed.close()
+    assert resumed.step == 4 and resumed.refresher.stats.failures == 0
+
+
+def test_a_first_index_that_cannot_be_built_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from realm_lm.index.refresher import IndexBuilderError
+
+    recipe = recipe_for(tmp_path, "refresh.mode=async")
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(IndexBuilderError, match="first index"):
+        recipe.setup()
+    recipe.close()

@@ -76,6 +76,7 @@ class RefreshConfig:
     every: int = 50  # steps between index refreshes (paper: ~500 on TPUs; a CPU run takes fewer, slower steps)
     threads: int = 1  # intra-op threads of the builder process (the trainer keeps the rest)
     keep: int = 3  # index versions kept on disk
+    max_failures: int = 3  # builders failing in a row before training stops: an index that never refreshes is not REALM
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ from realm_lm.runtime import resolve_device
 REFRESH_MODES = ("async", "sync", "never")
 
 
+class IndexBuilderError(RuntimeError):
+    """The builder process failed ``refresh.max_failures`` times in a row, or could not build the first index."""
+
+
 @dataclass
 class RefreshSchedule:
     """When to start a refresh: every ``every`` steps, never two at once, never in ``never`` mode."""
@@ -52,6 +56,7 @@ class RefreshStats:
     refreshes_started: int = 0
     swaps: int = 0
     failures: int = 0
+    failures_in_row: int = 0
     durations_s: list[float] = field(default_factory=list)  # builder wall time of each published refresh
 
 
@@ -87,6 +92,8 @@ class IndexRefresher:
             self._launch(doc, step)
             self._wait()
             self.stats.initial_build_s += time.perf_counter() - t0
+            if latest_version(self.cfg.index.dir) is None:
+                raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
         self.schedule.last_started = step if built_at is None else int(built_at)
@@ -136,15 +143,27 @@ class IndexRefresher:
     def _reap(self) -> None:
         if self.builder is None or self.builder.poll() is None:
             return
-        if self.builder.returncode != 0:
-            self.stats.failures += 1
-            print(f"index builder failed (exit {self.builder.returncode}); see {self.run_dir / 'refresh' / 'builder.log'}; "
-                  f"training goes on with index {self.version}", file=sys.stderr)
-        else:
-            self.stats.durations_s.append(time.perf_counter() - self.builder_started)
+        failed, code = self.builder.returncode != 0, self.builder.returncode
         self.builder = None
         for old in sorted((self.run_dir / "refresh").glob("doc_tower_step*.safetensors"))[:-1]:
             old.unlink(missing_ok=True)
+        if not failed:
+            self.stats.durations_s.append(time.perf_counter() - self.builder_started)
+            self.stats.failures_in_row = 0
+            return
+        self.stats.failures += 1
+        self.stats.failures_in_row += 1
+        if self.stats.failures_in_row >= self.cfg.refresh.max_failures:
+            # training on would silently turn the run into the never-refreshed ablation
+            raise IndexBuilderError(f"the index builder failed {self.stats.failures_in_row} times in a row (last exit "
+                                    f"{code}); training stops at index {self.version}. The builder's log ends:\n"
+                                    f"{self._log_tail()}")
+        print(f"index builder failed (exit {code}); see {self.run_dir / 'refresh' / 'builder.log'}; "
+              f"training goes on with index {self.version}", file=sys.stderr)
+
+    def _log_tail(self, lines: int = 8) -> str:
+        log = self.run_dir / "refresh" / "builder.log"
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no builder log)"
 
     def _swap_if_newer(self) -> bool:
         newest = latest_version(self.cfg.index.dir)

@@ -3,6 +3,7 @@ asynchronous builder refreshes, and the marginal likelihood over the top-k candi
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.refresher import IndexRefresher
+from realm_lm.index.refresher import IndexBuilderError, IndexRefresher
 from realm_lm.losses import marginal_nll, retrieval_utility
 from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, salient_spans,
                               spans_per_sentence)
@@ -208,16 +209,22 @@ class PretrainRecipe:
         stats = self.refresher.stats
         return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
                           "index_version": self.refresher.version, "staleness": self.refresher.staleness(self.step + 1),
-                          "swapped": swapped, "refreshes": stats.swaps, "index_wait_s": round(stats.waited_s, 3),
+                          "swapped": swapped, "refreshes": stats.swaps, "refresh_failures": stats.failures,
+                          "index_wait_s": round(stats.waited_s, 3),
                           "last_refresh_s": round(stats.durations_s[-1], 2) if stats.durations_s else None}
 
     # -- loop -----------------------------------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> list[dict[str, Any]]:
         p = self.cfg.pretrain
-        return run_steps(self, p.steps, p.save_every, "pre-training",
-                         lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['mask_acc']:.2f}",
-                                    "index": m["index_version"], "stale": m["staleness"]},
-                         end=None if stop_after is None else self.step + stop_after)
+        try:
+            return run_steps(self, p.steps, p.save_every, "pre-training",
+                             lambda m: {"loss": f"{m['loss']:.3f}", "acc": f"{m['mask_acc']:.2f}",
+                                        "index": m["index_version"], "stale": m["staleness"]},
+                             end=None if stop_after is None else self.step + stop_after)
+        except IndexBuilderError:  # raised between steps: the weights are whole, keep them for --resume
+            if distributed.is_main() and self.step > 0:
+                print(f"saved {self.save()} before stopping", file=sys.stderr)
+            raise
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
