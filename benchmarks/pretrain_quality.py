@@ -10,7 +10,8 @@ All variants start from all-MiniLM-L6-v2 with the same budget (configs/pretrain_
 Reported per variant: zero-shot retrieval recall@5 on the Open-SQuAD dev questions over the FULL corpus
 (configs/open_squad.toml, no QA fine-tuning), masked-token accuracy on salient spans of held-out blocks (never
 trained on), and the wall time. Also the trainer's index-waiting time in (c) beside the same run in `sync` mode.
-Writes benchmarks/results/pretrain_quality.json.
+Writes benchmarks/results/pretrain_quality.json (``--name``). ``--variants c --steps 800`` runs or, with
+``--reuse``, re-evaluates a longer (c) alone (the ICT run it starts from is trained if missing).
 """
 
 import argparse
@@ -109,9 +110,12 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/cpu")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs under --runs that already finished this budget (evaluation is redone)")
+    parser.add_argument("--variants", default="a,b,c,d,e,sync", help="rows to run: a (with a'), b, c, d, e, sync")
+    parser.add_argument("--name", default="pretrain_quality", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--set", action="append", default=[], help="override of the pre-training preset")
     parser.add_argument("--eval-set", action="append", default=[], help="override of the evaluation preset")
     args = parser.parse_args()
+    wanted = set(args.variants.split(","))
     cfg = load_config(args.config, [*args.set, f"pretrain.steps={args.steps}", f"ict.steps={args.ict_steps}",
                                     f"ict.run_dir={args.runs}/ict", f"pretrain.init_from={args.runs}/ict"])
     eval_cfg = load_config(args.eval_config, args.eval_set)
@@ -136,14 +140,15 @@ def main() -> None:
                      f"{acc['heldout_ru_top']:+.2f}", f"{wall:.0f}", extra])
         print(rows[-1], flush=True)
 
-    for base in (eval_cfg, minilm_mean_config(eval_cfg)):
-        build_index(base, store=eval_store)  # reuses the retrieval benchmark's embeddings when they match
-    mean_recall = dev_recall(eval_cfg, None, eval_store, "minilm-mean")
-    figures["a_mean.dev.recall@5"] = mean_recall["recall@5"]
-    record(f"(a) MiniLM as is, {cfg.embedder.pooling} (random projection)", "a", None, "", 0.0,
-           f"mean pooling: R@5 {mean_recall['recall@5']:.3f}")
+    if "a" in wanted:
+        for base in (eval_cfg, minilm_mean_config(eval_cfg)):
+            build_index(base, store=eval_store)  # reuses the retrieval benchmark's embeddings when they match
+        mean_recall = dev_recall(eval_cfg, None, eval_store, "minilm-mean")
+        figures["a_mean.dev.recall@5"] = mean_recall["recall@5"]
+        record(f"(a) MiniLM as is, {cfg.embedder.pooling} (random projection)", "a", None, "", 0.0,
+               f"mean pooling: R@5 {mean_recall['recall@5']:.3f}")
 
-    if cfg.ict.pca_blocks and cfg.embedder.pooling != "mean":  # what ICT starts from: the projection fitted, step 0
+    if "a" in wanted and cfg.ict.pca_blocks and cfg.embedder.pooling != "mean":  # what ICT starts from: the projection fitted, step 0
         t0 = time.perf_counter()
         fitted = IctRecipe(replace(cfg, ict=replace(cfg.ict, run_dir=str(runs / "ict-step0"))))
         fitted.setup()
@@ -161,35 +166,38 @@ def main() -> None:
         ict = ict_main(cfg)
         ict_wall = time.perf_counter() - t0
     figures.update({f"b.{k}": round(v, 4) for k, v in ict.items()})
-    record("(b) ICT", "b", cfg.ict.run_dir, cfg.ict.run_dir, ict_wall,
-           f"ICT held-out R@5 {ict['before.ict_recall@5']:.2f} -> {ict['after.ict_recall@5']:.2f}")
+    if "b" in wanted:
+        record("(b) ICT", "b", cfg.ict.run_dir, cfg.ict.run_dir, ict_wall,
+               f"ICT held-out R@5 {ict['before.ict_recall@5']:.2f} -> {ict['after.ict_recall@5']:.2f}")
 
     variants = [("(c) ICT + REALM, salient spans", "c", {}),
                 ("(d) ICT + REALM, random-uniform masks", "d", {"masking": "random-uniform"}),
                 ("(e) ICT + REALM, index never refreshed", "e", {"refresh_mode": "never"})]
     stats_of = {}
-    for label, key, overrides in variants:
+    for label, key, overrides in [v for v in variants if v[1] in wanted]:
         run_dir = str(runs / f"realm-{key}")
         stats = stats_of[key] = pretrain(cfg, run_dir, args.reuse, **overrides)
         figures.update({f"{key}.run.{k}": v for k, v in stats.items() if v is not None})
         record(label, key, run_dir, run_dir, stats["wall_s"],
                f"loss {stats['loss_first10']:.2f} -> {stats['loss_last10']:.2f}; {stats['index_versions']} index versions")
 
-    sync = pretrain(cfg, str(runs / "realm-c-sync"), args.reuse, steps=args.sync_steps, refresh_mode="sync")
     wait_rows = []
-    for mode, stats, steps in (("async", stats_of["c"], args.steps), ("sync", sync, args.sync_steps)):
-        share = stats["index_wait_s"] / stats["train_wall_s"]
-        figures.update({f"wait.{mode}.{k}": v for k, v in stats.items() if v is not None})
-        figures[f"wait.{mode}.share"] = round(share, 4)
-        figures[f"wait.{mode}.s_per_step"] = round(stats["train_wall_s"] / steps, 3)
-        wait_rows.append([mode, steps, stats["refreshes_started"], stats["index_versions"], stats["refresh_s_median"],
-                          stats["index_wait_s"], stats["train_wall_s"], f"{stats['train_wall_s'] / steps:.2f}",
-                          f"{share:.1%}"])
+    if {"c", "sync"} <= wanted:
+        sync = pretrain(cfg, str(runs / "realm-c-sync"), args.reuse, steps=args.sync_steps, refresh_mode="sync")
+        for mode, stats, steps in (("async", stats_of["c"], args.steps), ("sync", sync, args.sync_steps)):
+            share = stats["index_wait_s"] / stats["train_wall_s"]
+            figures.update({f"wait.{mode}.{k}": v for k, v in stats.items() if v is not None})
+            figures[f"wait.{mode}.share"] = round(share, 4)
+            figures[f"wait.{mode}.s_per_step"] = round(stats["train_wall_s"] / steps, 3)
+            wait_rows.append([mode, steps, stats["refreshes_started"], stats["index_versions"], stats["refresh_s_median"],
+                              stats["index_wait_s"], stats["train_wall_s"], f"{stats['train_wall_s'] / steps:.2f}",
+                              f"{share:.1%}"])
 
     print("\n" + markdown_table(["variant", "dev R@5", "dev R@20", "held-out mask acc", "RU(top)", "train s", "notes"], rows))
-    print("\n" + markdown_table(["refresh", "steps", "refreshes started", "index versions used", "refresh s (median)",
-                                 "trainer waited s", "training wall s", "s / step", "waiting share"], wait_rows))
-    print(f"\nwrote {write_results('pretrain_quality', figures)}")
+    if wait_rows:
+        print("\n" + markdown_table(["refresh", "steps", "refreshes started", "index versions used", "refresh s (median)",
+                                     "trainer waited s", "training wall s", "s / step", "waiting share"], wait_rows))
+    print(f"\nwrote {write_results(args.name, figures)}")
 
 
 if __name__ == "__main__":
