@@ -1,6 +1,7 @@
 """REALM pre-training on the tiny corpus: null block, trivial-retrieval exclusion, gradients, refresh, resume."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from realm_lm.config import load_config
 from realm_lm.corpus.store import build_corpus
+from realm_lm.index.refresher import IndexBuilderError
 from realm_lm.index.versioned import latest_version, load_index
+from realm_lm.train.checkpoint import latest_checkpoint
 from realm_lm.train.pretrain import PretrainRecipe
 
 from conftest import ROOT, tiny_overrides
@@ -147,7 +150,6 @@ def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from conftest import FIXTURES  # noqa: F401  (the tiny preset's paths are overridden below)
@@ -176,11 +178,6 @@ def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
 def test_a_builder_that_keeps_failing_stops_training_with_the_steps_saved(tmp_path, monkeypatch):
     """A builder that exits non-zero is survived once; refresh.max_failures in a row stop the run with a clear
     error (else it would silently become the never-refreshed ablation), after saving the steps done for --resume."""
-    import sys
-
-    from realm_lm.index.refresher import IndexBuilderError
-    from realm_lm.train.checkpoint import latest_checkpoint
-
     extra = ("refresh.mode=sync", "refresh.every=1", "refresh.max_failures=2", "pretrain.steps=4",
              "pretrain.save_every=100")
     recipe = recipe_for(tmp_path, *extra)
@@ -203,10 +200,6 @@ def test_a_builder_that_keeps_failing_stops_training_with_the_steps_saved(tmp_pa
 
 
 def test_a_first_index_that_cannot_be_built_is_a_clear_error(tmp_path, monkeypatch):
-    import sys
-
-    from realm_lm.index.refresher import IndexBuilderError
-
     recipe = recipe_for(tmp_path, "refresh.mode=async")
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(IndexBuilderError, match="first index"):

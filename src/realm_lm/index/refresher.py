@@ -143,11 +143,11 @@ class IndexRefresher:
     def _reap(self) -> None:
         if self.builder is None or self.builder.poll() is None:
             return
-        failed, code = self.builder.returncode != 0, self.builder.returncode
+        code = self.builder.returncode
         self.builder = None
         for old in sorted((self.run_dir / "refresh").glob("doc_tower_step*.safetensors"))[:-1]:
             old.unlink(missing_ok=True)
-        if not failed:
+        if code == 0:
             self.stats.durations_s.append(time.perf_counter() - self.builder_started)
             self.stats.failures_in_row = 0
             return

@@ -137,7 +137,7 @@ class IctRecipe:
             q = self.model.retriever.query(q_ids, q_mask)  # [B, D]
             d = self.model.retriever.doc(d_ids, d_mask)  # [B, D]
         q, d = distributed.gather_rows(q), distributed.gather_rows(d)  # [W*B, D]: every rank's pairs
-        loss = in_batch_nll(q, d)  # raw q.d: a learned softer scale lost 1-6 points of dev R@5 (results/ict_scale_sweep.log)
+        loss = in_batch_nll(q, d)  # raw q.d: a learned softer scale lowered dev R@5 (0.803 -> 0.793 at 1e-5; results/ict_scale_sweep.log)
         self.opt.zero_grad(set_to_none=True)
         (loss * distributed.world_size()).backward()  # each rank holds the gradient through its own rows only
         distributed.average_gradients(self.model)
