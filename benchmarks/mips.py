@@ -86,8 +86,7 @@ def measure(name: str, cfg: IndexConfig, x: np.ndarray, q: np.ndarray, truth: np
     settings = [(None, cfg)] if sweep is None else [(v, IndexConfig(**{**cfg.__dict__, sweep[0]: v})) for v in sweep[1]]
     for value, scfg in settings:
         if value is not None:
-            index.cfg = scfg
-            index._set_search_params()
+            index.retune(scfg)
         label = name if value is None else f"{name} {sweep[0]}={value}"
         b1 = median_ms(lambda: index.search(q[:1], 10), reps)
         b32 = median_ms(lambda: index.search(q[:32], 10), max(3, reps // 5))
@@ -101,8 +100,6 @@ def measure(name: str, cfg: IndexConfig, x: np.ndarray, q: np.ndarray, truth: np
         print(rows[-1], flush=True)
         figures["peak_rss_mb"] = round(peak_rss_mb(), 0)
         write_results(figures["name"], figures)  # after every measurement: a long run that is stopped keeps its figures
-    del index
-    gc.collect()
 
 
 def main() -> None:

@@ -44,6 +44,18 @@ def test_backends_match_brute_force_with_ties(backend):
     check_against_brute_force(x, q, scores, ids, 10, atol=0.05 if backend == "faiss-ivf-pq" else 1e-4)
 
 
+def test_retune_changes_search_settings_without_rebuilding():
+    pytest.importorskip("faiss")
+    x, q = tied_data()
+    index = make_index(IndexConfig(backend="faiss-ivf-pq", ivf_nprobe=1, ivf_refine=50))
+    index.build(x)
+    built = index.index
+    index.retune(IndexConfig(backend="faiss-ivf-pq", ivf_nprobe=10_000, ivf_refine=50))
+    assert index.index is built  # same trained index, only its search settings moved
+    scores, ids = index.search(q, 10)
+    check_against_brute_force(x, q, scores, ids, 10, atol=0.05)  # every list probed: the true top 10
+
+
 def test_exact_fp16_and_k_larger_than_index():
     x, q = tied_data(n=30)
     index = make_index(IndexConfig(dtype="float16", chunk_rows=7))

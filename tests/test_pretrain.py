@@ -1,7 +1,11 @@
 """REALM pre-training on the tiny corpus: null block, trivial-retrieval exclusion, gradients, refresh, resume."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -147,13 +151,6 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
     """A real `realm pretrain` process killed with SIGKILL after its first checkpoint; --resume completes the run."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from conftest import FIXTURES  # noqa: F401  (the tiny preset's paths are overridden below)
-
     overrides = tiny_overrides(tmp_path, "pretrain.steps=40", "pretrain.save_every=2", "refresh.mode=async",
                                "refresh.every=3")
     build_corpus(load_config(ROOT / "configs" / "tiny.toml", overrides))

@@ -108,6 +108,11 @@ class FaissIndex:
         refine.k_factor = cfg.ivf_refine
         return refine
 
+    def retune(self, cfg: IndexConfig) -> None:
+        """Take cfg's search-time settings (hnsw_ef_search, ivf_nprobe, ivf_refine) without rebuilding."""
+        self.cfg = cfg
+        self._set_search_params()
+
     def _set_search_params(self) -> None:
         faiss, index = self.faiss, self.index
         if self.backend == "faiss-hnsw":
