@@ -50,17 +50,22 @@ def test_bad_preset_file(tmp_path):
 def test_precision_auto_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
     import torch
 
-    from realm_lm.runtime import autocast, cpu_has_amx_bf16, resolve_precision
+    from realm_lm.runtime import autocast, cpu_bf16_instructions, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision(cpu, "fp32") == "fp32" and resolve_precision(cpu, "bf16") == "bf16"
-    for amx, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
-        cpu_has_amx_bf16.cache_clear()
+    machines = (({"amx_bf16": True, "avx512_bf16": True}, "amx_bf16", "bf16"),  # Sapphire Rapids
+                ({"amx_bf16": False, "avx512_bf16": True}, "avx512_bf16", "bf16"),  # Zen 4
+                ({"amx_bf16": False, "avx512_bf16": False, "avx512_f": True}, None, "fp32"),  # Ice Lake: emulated
+                ({}, None, "fp32"))
+    for capabilities, instructions, expected in machines:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda capabilities=capabilities: capabilities)
+        cpu_bf16_instructions.cache_clear()
+        assert cpu_bf16_instructions() == instructions
         assert resolve_precision(cpu, "auto") == expected
         with autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") is (expected == "bf16")
-    cpu_has_amx_bf16.cache_clear()  # the real machine's answer again for the tests after this one
+    cpu_bf16_instructions.cache_clear()  # the real machine's answer again for the tests after this one
     with pytest.raises(ValueError, match="runtime.precision"):
         resolve_precision(cpu, "fp16")
     with pytest.raises(ValueError, match="runtime.precision"):

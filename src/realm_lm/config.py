@@ -165,8 +165,9 @@ class EvalConfig:
 class RuntimeConfig:
     threads: int = 0  # torch intra-op threads; 0 = all cores (under torchrun: shared among this machine's processes)
     device: str = "auto"  # "auto" (the GPU when there is one), "cpu", "cuda", "cuda:1", ...
-    # "auto": bf16 autocast where the hardware has bf16 matrix units (GPUs; CPUs with AMX), else fp32. "fp32" or
-    # "bf16" force one (bf16 is slower than fp32 on CPUs without AMX). Weights and optimizer state stay fp32.
+    # "auto": bf16 autocast where the hardware multiplies bf16 in silicon (GPUs; CPUs with AMX or AVX512-BF16), else
+    # fp32. "fp32" or "bf16" force one (bf16 is emulated, slower than fp32, on CPUs without). Weights and optimizer
+    # state stay fp32.
     precision: str = "auto"
 
 

@@ -22,12 +22,12 @@ def write_results(name: str, figures: dict[str, Any], folder: str | Path = "benc
     """Flat JSON ``{key: number-or-string}`` of one benchmark run, with the machine it ran on."""
     import torch
 
-    from realm_lm.runtime import cpu_has_amx_bf16
+    from realm_lm.runtime import cpu_bf16_instructions
 
     path = Path(folder) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "machine.cpu": cpu_model(), "machine.cpu_count": os.cpu_count(),
-               "machine.amx_bf16": cpu_has_amx_bf16(),
+               "machine.bf16_instructions": cpu_bf16_instructions() or "none",
                "machine.platform": platform.platform(),
                "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads(),
                "machine.gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}

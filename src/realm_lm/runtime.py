@@ -19,8 +19,9 @@ def setup_runtime(cfg: RunConfig, announce: bool = False) -> None:
     torch.set_num_threads(cfg.runtime.threads or default_threads())
     if announce:  # one line on stderr, so a person knows which numeric path their numbers come from
         device = resolve_device(cfg.runtime)
+        silicon = f", bf16 silicon: {cpu_bf16_instructions() or 'none'}" if device.type == "cpu" else ""
         print(f"runtime: {device}, {resolve_precision(device, cfg.runtime.precision)} "
-              f"(precision = {cfg.runtime.precision}), {torch.get_num_threads()} threads", file=sys.stderr)
+              f"(precision = {cfg.runtime.precision}{silicon}), {torch.get_num_threads()} threads", file=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork index builders; keep tokenizers quiet
     from transformers.utils import logging
 
@@ -44,14 +45,17 @@ def resolve_device(runtime: RuntimeConfig) -> torch.device:
 
 
 @functools.cache  # asked on every forward pass (autocast); the answer cannot change within a process
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in silicon (Intel AMX)."""
-    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+def cpu_bf16_instructions() -> str | None:
+    """The instructions with which this CPU multiplies bfloat16 matrices in silicon: "amx_bf16" (Intel Sapphire
+    Rapids and later), "avx512_bf16" (AMD Zen 4 and later, Intel Cooper Lake), or None. oneDNN uses either; without
+    them bf16 is emulated and slower than fp32."""
+    capabilities = torch.cpu.get_capabilities()
+    return next((name for name in ("amx_bf16", "avx512_bf16") if capabilities.get(name, False)), None)
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
     """``runtime.precision`` as "fp32" or "bf16". "auto" is bf16 where the hardware multiplies bfloat16 matrices in
-    silicon (a GPU with bf16 support; a CPU with AMX), else fp32."""
+    silicon (a GPU with bf16 support; a CPU with AMX or AVX512-BF16), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"runtime.precision must be one of {PRECISIONS}, not {precision!r}")
     if precision != "auto":
@@ -59,7 +63,7 @@ def resolve_precision(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_has_amx_bf16() else "fp32"
+        return "bf16" if cpu_bf16_instructions() else "fp32"
     return "fp32"
 
 
