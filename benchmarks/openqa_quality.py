@@ -51,7 +51,7 @@ def start_recall(cfg, kind: str, init_from: str, store: CorpusStore, questions: 
 
 
 def precision(cfg) -> str:
-    """Of fine-tuning and answering: runtime.precision as resolved on this machine ("auto": bf16 on AMX CPUs)."""
+    """Of fine-tuning and answering: runtime.precision as resolved on this machine ("auto": bf16 on CPUs with AMX or AVX512-BF16)."""
     return resolve_precision(resolve_device(cfg.runtime), cfg.runtime.precision)
 
 

@@ -9,7 +9,7 @@ step of `realm pretrain` (PretrainRecipe.forward + backward + AdamW): 7 retrieve
 all re-embedded with the current weights (REALM's gradient into the document tower), MLM head at masked
 positions only. Ours runs twice: with BERT's attention dropout (0.1, as the reference and the paper; on a CPU
 it runs through models/cpu_dropout.py) and with `attention_dropout = 0`, which lets torch's CPU attention use
-its fused kernel, both in fp32 as the reference; on a CPU with AMX also with dropout 0.1 under bf16 autocast
+its fused kernel, both in fp32 as the reference; on a CPU with AMX or AVX512-BF16 also with dropout 0.1 under bf16 autocast
 (`runtime.precision = "auto"` there), reported apart. The reference runs first
 without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs). Writes benchmarks/results/pretrain_throughput.json.
 """
@@ -33,7 +33,7 @@ from realm_lm.masking import mask_query
 from realm_lm.models.embedder import Embedder, Retriever, configure_dropout
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.report import markdown_table, write_results
-from realm_lm.runtime import cpu_has_amx_bf16
+from realm_lm.runtime import cpu_bf16_instructions
 from realm_lm.train.data import collate_queries
 from realm_lm.train.pretrain import PretrainRecipe, RealmModel, linear_schedule
 
@@ -128,9 +128,9 @@ def main() -> None:
     ref = reference(args.hf_python, args.steps, reembed=False)
     ref_re = reference(args.hf_python, args.steps, reembed=True)
     # (name, attention dropout, precision): fp32 is the reference's numeric path; bf16 autocast only where the CPU
-    # has AMX (what runtime.precision = "auto" picks there), reported apart and compared to the fp32 peak all the same
+    # multiplies bf16 in silicon (what runtime.precision = "auto" picks there), reported apart and compared to the fp32 peak all the same
     runs = [("ours", 0.1, "fp32"), ("ours_attention_dropout_0", 0.0, "fp32")]
-    if cpu_has_amx_bf16():
+    if cpu_bf16_instructions():
         runs.append(("ours_bf16", 0.1, "bf16"))
     mine = {}
     for name, p, precision in runs:
