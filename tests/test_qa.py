@@ -46,6 +46,21 @@ def test_spans_stay_inside_the_block_and_respect_the_width():
     assert int(out.allowed[1].sum()) == 3 + 2 + 1  # a 3-wordpiece block has 6 spans of width <= 3
 
 
+
+def test_span_scores_do_not_depend_on_the_chunk_size(monkeypatch):
+    import realm_lm.models.reader as reader_module
+
+    torch.manual_seed(0)
+    reader = Reader(BertModel(tiny_bert_config(108), add_pooling_layer=False), span_hidden=16, max_width=4).eval()
+    ids = torch.randint(5, 108, (3, 20))
+    ok = torch.zeros(3, 20, dtype=torch.bool)
+    ok[:, 6:19] = True
+    whole = reader(ids, torch.ones_like(ids), torch.zeros_like(ids), ok, ok).logits
+    monkeypatch.setattr(reader_module, "SPAN_CHUNK", 7)  # 138 allowed spans: 20 chunks, the last one short
+    chunked = reader(ids, torch.ones_like(ids), torch.zeros_like(ids), ok, ok).logits
+    assert torch.equal(whole.isfinite(), chunked.isfinite())
+    torch.testing.assert_close(chunked[whole.isfinite()], whole[whole.isfinite()])
+
 def test_enumerate_spans():
     starts, ends = enumerate_spans(4, 2)
     assert list(zip(starts.tolist(), ends.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3)]
