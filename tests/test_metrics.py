@@ -30,5 +30,13 @@ def test_recall_at_k():
     assert recall_at_k(rows, answers, texts, [1, 2, 3]) == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3}
 
 
+def test_recall_with_regex_answers_searches_the_block_text():
+    texts = ["He died in 1937, aged 41.", "Born in 1895 in Ohio."]
+    rows = [[1, 0], [0, 1]]
+    answers = [[r"19(37|38)"], [r"\bOHIO\b"]]  # found at rank 2, and at rank 2 again (case-insensitive)
+    assert recall_at_k(rows, answers, texts, [1, 2], regex=True) == {1: 0.0, 2: 1.0}
+    assert recall_at_k(rows, answers, texts, [2]) == {2: 0.0}  # as literal strings they occur nowhere
+
+
 def test_open_squad_split_rule():
     assert [split_of(i) for i in range(7)] == ["test", "train", "train", "dev", "train", "train", "test"]

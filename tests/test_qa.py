@@ -12,7 +12,7 @@ from transformers import BertModel
 
 from realm_lm.answer import Answerer
 from realm_lm.config import load_config
-from realm_lm.corpus.questions import QaFileError, read_qa_file
+from realm_lm.corpus.questions import QaFileError, Question, read_qa_file
 from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 from realm_lm.retrieval import BadQuestionError
@@ -22,6 +22,7 @@ from realm_lm.train.finetune import FinetuneRecipe, QaModel
 from realm_lm.train.loop import clip_each_group
 
 from realm_lm.eval.metrics import exact_match, f1_score
+from realm_lm.eval.qa import evaluate_qa
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
 from realm_lm.models.embedder import Embedder, Retriever, tiny_bert_config
 from realm_lm.models.reader import Reader, enumerate_spans
@@ -216,6 +217,25 @@ def test_qa_file_errors_name_the_line(tmp_path):
         with pytest.raises(QaFileError, match=message) as err:
             read_qa_file(bad)
         assert "bad.jsonl:2" in str(err.value)
+
+
+def test_squad_json_with_a_missing_field_names_where(tmp_path):
+    qa = {"id": "q1", "question": "Who?", "answers": [{"text": "Orin", "answer_start": 0}]}
+    squad = {"data": [{"title": "T", "paragraphs": [{"context": "Orin.", "qas": [qa]}]}]}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(squad))
+    assert [q.answers for q in read_qa_file(good)] == [("Orin",)]
+    del qa["question"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(squad))
+    with pytest.raises(QaFileError, match="article 0, paragraph 0, question 0: missing field 'question'"):
+        read_qa_file(bad)
+
+
+def test_a_bad_answer_pattern_fails_before_any_question_is_answered():
+    questions = [Question("q1", "Who?", (r"(George )?Washington",)), Question("q2", "When?", (r"19(37",))]
+    with pytest.raises(QaFileError, match=r"question 'q2': answer '19\(37' is not a valid regular expression"):
+        evaluate_qa(None, questions, regex=True)  # no answerer needed: the check comes first
 
 
 # -- fine-tuning, evaluation, answering ---------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class FinetuneConfig:
 class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 20)
     squad: str = "data/squad_v1.1_dev.json"  # questions of the Open-SQuAD splits come from here
-    regex_answers: bool = False  # gold answers are regular expressions (CuratedTrec) for exact match
+    regex_answers: bool = False  # gold answers are regular expressions (CuratedTrec), for exact match and recall
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,17 @@ def _load_squad(path: str | Path, split: str | None) -> list[Question]:
     for i, article in enumerate(data):
         if split is not None and split_of(i) != split:
             continue
-        for para in article["paragraphs"]:
-            for qa in para["qas"]:
-                answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))  # unique, in order
-                out.append(Question(qa["id"], qa["question"], answers, article["title"]))
+        where = f"{path}: article {i}"
+        try:
+            for p, para in enumerate(article["paragraphs"]):
+                for n, qa in enumerate(para["qas"]):
+                    where = f"{path}: article {i}, paragraph {p}, question {n}"
+                    answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))  # unique, in order
+                    out.append(Question(qa["id"], qa["question"], answers, article["title"]))
+        except KeyError as err:
+            raise QaFileError(f"{where}: missing field {err}") from None
+        except TypeError as err:
+            raise QaFileError(f"{where}: not laid out as SQuAD JSON ({err})") from None
     return out
 
 

@@ -19,20 +19,33 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def has_answer(block_text: str, answers: Sequence[str]) -> bool:
-    """Some gold answer occurs in the block as a whole-token sequence after normalisation."""
+def check_patterns(answers: Sequence[str]) -> None:
+    """Raise ValueError naming the first answer that is not a valid regular expression."""
+    for pattern in answers:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"answer {pattern!r} is not a valid regular expression ({err})") from None
+
+
+def has_answer(block_text: str, answers: Sequence[str], regex: bool = False) -> bool:
+    """Some gold answer occurs in the block as a whole-token sequence after normalisation; with ``regex`` the
+    answers are patterns searched for anywhere in the block, case-insensitively (CuratedTrec, as DrQA and DPR)."""
+    if regex:
+        return any(re.search(pattern, block_text, flags=re.IGNORECASE) for pattern in answers)
     haystack = f" {normalize_answer(block_text)} "
     return any(norm and f" {norm} " in haystack for norm in map(normalize_answer, answers))
 
 
 def recall_at_k(hit_rows: Sequence[Sequence[int]], answers: Sequence[Sequence[str]], texts: Sequence[str],
-                ks: Sequence[int]) -> dict[int, float]:
+                ks: Sequence[int], regex: bool = False) -> dict[int, float]:
     """Fraction of questions for which a block among the first k retrieved contains a gold answer."""
     if not hit_rows:
         return {k: 0.0 for k in ks}
     first_hit = []  # rank (0-based) of the first block with an answer, or inf
     for rows, golds in zip(hit_rows, answers):
-        rank = next((r for r, row in enumerate(rows) if row >= 0 and has_answer(texts[row], golds)), float("inf"))
+        rank = next((r for r, row in enumerate(rows) if row >= 0 and has_answer(texts[row], golds, regex)),
+                    float("inf"))
         first_hit.append(rank)
     return {k: sum(r < k for r in first_hit) / len(first_hit) for k in ks}
 

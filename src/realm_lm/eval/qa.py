@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import Sequence
 
 from realm_lm.answer import Answerer
-from realm_lm.corpus.questions import Question
-from realm_lm.eval.metrics import exact_match, f1_score, recall_at_k
+from realm_lm.corpus.questions import QaFileError, Question
+from realm_lm.eval.metrics import check_patterns, exact_match, f1_score, recall_at_k
 
 
 def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: str | Path | None = None,
                 regex: bool = False, progress: bool = True) -> dict[str, float]:
-    """``{"em", "f1", "recall@1", "recall@<k>", "n_questions", "seconds", "questions_per_s"}``; EM and F1 in %."""
+    """``{"em", "f1", "recall@1", "recall@<k>", "n_questions", "seconds", "questions_per_s"}``; EM and F1 in %.
+    With ``regex`` the gold answers are patterns (CuratedTrec): exact match is a full match of the prediction,
+    recall a match anywhere in a block, and F1 is not defined (0)."""
+    if regex:  # a bad pattern fails here, not after every question has been answered
+        for q in questions:
+            try:
+                check_patterns(q.answers)
+            except ValueError as err:
+                raise QaFileError(f"question {q.qid!r}: {err}") from None
     t0 = time.perf_counter()
     responses = answerer.answer([q.question for q in questions], progress=progress, top_n=1)
     seconds = time.perf_counter() - t0
@@ -37,7 +45,7 @@ def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: 
                         "retrieved": [h.block_id for h in resp.hits]})
     k = answerer.top_k
     recalls = recall_at_k([[h.row for h in r.hits] for r in responses], [q.answers for q in questions],
-                          answerer.store.texts, sorted({1, k}))
+                          answerer.store.texts, sorted({1, k}), regex=regex)
     n = max(len(questions), 1)
     if predictions:
         path = Path(predictions)
