@@ -47,7 +47,6 @@ def test_spans_stay_inside_the_block_and_respect_the_width():
     assert int(out.allowed[1].sum()) == 3 + 2 + 1  # a 3-wordpiece block has 6 spans of width <= 3
 
 
-
 def test_span_scores_do_not_depend_on_the_chunk_size(monkeypatch):
     import realm_lm.models.reader as reader_module
 
@@ -61,6 +60,7 @@ def test_span_scores_do_not_depend_on_the_chunk_size(monkeypatch):
     chunked = reader(ids, torch.ones_like(ids), torch.zeros_like(ids), ok, ok).logits
     assert torch.equal(whole.isfinite(), chunked.isfinite())
     torch.testing.assert_close(chunked[whole.isfinite()], whole[whole.isfinite()])
+
 
 def test_enumerate_spans():
     starts, ends = enumerate_spans(4, 2)
