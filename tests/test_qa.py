@@ -330,6 +330,12 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
         assert store.titles[row] == r["title"]
         if r["char_start"] >= 0:
             assert store.texts[row][r["char_start"]:r["char_end"]] == r["answer"]
+    # the figures land beside the predictions, agreeing with them and saying what they were measured on
+    metrics = json.loads((tmp_path / "finetune" / "metrics-tiny_qa.json").read_text())
+    assert metrics["n_questions"] == 8 and metrics["top_k"] == 16 and metrics["retriever"] == "realm"
+    assert metrics["em"] == pytest.approx(100 * sum(r["exact_match"] for r in records) / 8, abs=0.01)
+    assert metrics["f1"] == pytest.approx(100 * sum(r["f1"] for r in records) / 8, abs=0.01)
+    assert metrics["predictions"].endswith("predictions-tiny_qa.jsonl") and metrics["precision"] in ("fp32", "bf16")
     # the learned scale is what answering uses: p(block) = softmax(scale * q.d), the hits keep the raw q.d
     cfg = finetune_cfg(tmp_path)
     answerer = Answerer.from_run(cfg, run)

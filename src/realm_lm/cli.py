@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.config import ConfigError, RunConfig, load_config
-from realm_lm.report import markdown_table, print_hits
+from realm_lm.report import markdown_table, print_hits, write_results
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
 
@@ -147,19 +147,27 @@ def _questions(cfg: RunConfig, args: argparse.Namespace) -> list:
 def cmd_eval_qa(args: argparse.Namespace) -> None:
     from realm_lm.answer import Answerer
     from realm_lm.eval.qa import evaluate_qa
+    from realm_lm.runtime import resolve_precision
 
     cfg = _config(args)
     answerer = Answerer.from_run(cfg, args.from_run)
     questions = _questions(cfg, args)
-    out = args.predictions or str(Path(args.from_run) / f"predictions-{args.split if not args.questions else Path(args.questions).stem}.jsonl")
-    result = evaluate_qa(answerer, questions, out, regex=args.regex or cfg.eval.regex_answers)
+    name = Path(args.questions).stem if args.questions else args.split
+    out = Path(args.predictions or Path(args.from_run) / f"predictions-{name}.jsonl")
+    regex = args.regex or cfg.eval.regex_answers
+    result = evaluate_qa(answerer, questions, out, regex=regex)
     recall_keys = [k for k in result if k.startswith("recall@")]
     print(markdown_table(["questions", "EM", "F1", *recall_keys, "questions/s"],
                          [[result["n_questions"], f"{result['em']:.1f}", f"{result['f1']:.1f}",
                            *[f"{result[k]:.3f}" for k in recall_keys], f"{result['questions_per_s']:.1f}"]]))
-    print(f"predictions: {out}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    # the figures with what they were measured on, so that a result can be recorded without re-scoring predictions
+    metrics = Path(args.json or out.with_name(f"metrics-{name}.json"))
+    write_results(metrics.stem, {
+        **result, "run": str(args.from_run), "questions": args.questions or f"open-squad {args.split}",
+        "limit": args.limit, "top_k": answerer.top_k, "retriever": "realm" if answerer.dense else "bm25",
+        "precision": resolve_precision(answerer.reader.device, answerer.precision), "int8": cfg.reader.int8,
+        "regex": regex, "corpus": cfg.corpus.store, "predictions": str(out)}, folder=metrics.parent)
+    print(f"predictions: {out}\nmetrics: {metrics}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -267,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="only the first N questions")
     p.add_argument("--regex", action="store_true", help="gold answers are regular expressions (CuratedTrec)")
     p.add_argument("--predictions", help="predictions JSONL (default RUN_DIR/predictions-<split>.jsonl)")
-    p.add_argument("--json", help="also write the figures as JSON to this file")
+    p.add_argument("--json", help="metrics JSON (default: metrics-<split>.json beside the predictions)")
     _from_finetuned(p)
     _corpus(p)
     p.set_defaults(func=cmd_eval_qa)

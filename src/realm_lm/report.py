@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -24,14 +23,15 @@ def write_results(name: str, figures: dict[str, Any], folder: str | Path = "benc
 
     from realm_lm.runtime import cpu_bf16_instructions
 
+    from realm_lm.artifacts import write_json_atomic
+
     path = Path(folder) / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     figures = {**figures, "machine.cpu": cpu_model(), "machine.cpu_count": os.cpu_count(),
                "machine.bf16_instructions": cpu_bf16_instructions() or "none",
                "machine.platform": platform.platform(),
                "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads(),
                "machine.gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
-    path.write_text(json.dumps(figures, indent=2, sort_keys=True))
+    write_json_atomic(path, figures)
     return path
 
 
