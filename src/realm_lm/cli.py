@@ -73,6 +73,7 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
+    from realm_lm.artifacts import write_json_atomic
     from realm_lm.eval.retrieval import evaluate_retrieval
     from realm_lm.retrieval import make_searcher, trained_config
     cfg = _config(args)
@@ -84,7 +85,7 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     print(markdown_table(["split", "retriever", *keys, "questions"],
                          [[args.split, args.retriever, *[f"{result[k]:.3f}" for k in keys], result["n_questions"]]]))
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{args.split}.{args.retriever}.{k}": v for k, v in result.items()}, indent=2))
+        write_json_atomic(args.json, {f"{args.split}.{args.retriever}.{k}": v for k, v in result.items()})
 
 
 def cmd_ict(args: argparse.Namespace) -> None:
