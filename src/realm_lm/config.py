@@ -114,7 +114,6 @@ class PretrainConfig:
     retrieval_scale: float = 0.1  # f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
     heldout_every: int = 20  # every 20th block (by id hash) is held out of training, for evaluation
     save_every: int = 50
-    log_every: int = 1
     seed: int = 0
 
 
