@@ -149,6 +149,20 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         again.setup(resume=True)
 
 
+def test_a_checkpoint_of_another_model_is_refused_even_when_loading_loosely(tmp_path):
+    from torch import nn
+
+    from realm_lm.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    retriever_only = nn.ModuleDict({"retriever": nn.Linear(4, 3)})
+    with_encoder = nn.ModuleDict({"retriever": nn.Linear(4, 3), "encoder": nn.Linear(3, 2)})
+    unrelated = nn.ModuleDict({"classifier": nn.Linear(4, 3)})
+    ckpt = save_checkpoint(tmp_path / "ict", 1, retriever_only, None, {})
+    load_checkpoint(ckpt, with_encoder, strict=False)  # an ICT run carries the retriever only: fine
+    assert torch.equal(with_encoder["retriever"].weight, retriever_only["retriever"].weight)
+    with pytest.raises(CheckpointError, match="none of this model's weights"):
+        load_checkpoint(ckpt, unrelated, strict=False)
+
+
 def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
     """A real `realm pretrain` process killed with SIGKILL after its first checkpoint; --resume completes the run."""
     overrides = tiny_overrides(tmp_path, "pretrain.steps=40", "pretrain.save_every=2", "refresh.mode=async",

@@ -82,6 +82,9 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=strict)
     except (OSError, json.JSONDecodeError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {path} is unreadable or does not fit this model: {err}") from err
+    if len(missing) == len(model.state_dict()):  # strict=False loads what fits; nothing fitting means the wrong run
+        raise CheckpointError(f"checkpoint {path} holds none of this model's weights "
+                              f"({len(unexpected)} tensors of another model): is it the right run folder?")
     if opt is not None and (path / "optim.safetensors").is_file():
         tensors = load_file(str(path / "optim.safetensors"))
         per_param: dict[int, dict[str, Any]] = {}
