@@ -270,8 +270,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return _build(RunConfig, values, "")
 
 
+# Keys that configs stored by earlier versions may hold and that no longer do anything: a run folder saved before a
+# field was removed still loads. Presets and overrides still refuse them as unknown.
+RETIRED_KEYS = {("pretrain", "log_every")}
+
+
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """The inverse of :func:`config_to_dict` (a config stored with an artifact)."""
+    values = {section: ({k: v for k, v in table.items() if (section, k) not in RETIRED_KEYS}
+                        if isinstance(table, dict) else table) for section, table in values.items()}
     return _build(RunConfig, values, "")
 
 
