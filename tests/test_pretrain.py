@@ -161,6 +161,10 @@ def test_a_checkpoint_of_another_model_is_refused_even_when_loading_loosely(tmp_
     assert torch.equal(with_encoder["retriever"].weight, retriever_only["retriever"].weight)
     with pytest.raises(CheckpointError, match="none of this model's weights"):
         load_checkpoint(ckpt, unrelated, strict=False)
+    tied = nn.ModuleDict({"embeddings": nn.Embedding(5, 4), "decoder": nn.Linear(4, 5, bias=False)})
+    tied["decoder"].weight = tied["embeddings"].weight  # as REALM's MLM decoder is tied to the word embeddings
+    with pytest.raises(CheckpointError, match="none of this model's weights"):
+        load_checkpoint(ckpt, tied, strict=False)
 
 
 def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):

@@ -9,8 +9,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import ConfigError, RunConfig, load_config
-from realm_lm.report import markdown_table, print_hits, write_results
+from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
 
@@ -73,7 +74,6 @@ def cmd_retrieve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> None:
-    from realm_lm.artifacts import write_json_atomic
     from realm_lm.eval.retrieval import evaluate_retrieval
     from realm_lm.retrieval import make_searcher, trained_config
     cfg = _config(args)
@@ -163,11 +163,11 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
                            *[f"{result[k]:.3f}" for k in recall_keys], f"{result['questions_per_s']:.1f}"]]))
     # the figures with what they were measured on, so that a result can be recorded without re-scoring predictions
     metrics = Path(args.json or out.with_name(f"metrics-{name}.json"))
-    write_results(metrics.stem, {
+    write_json_atomic(metrics, {
         **result, "run": str(args.from_run), "questions": args.questions or f"open-squad {args.split}",
         "limit": args.limit, "top_k": answerer.top_k, "retriever": "realm" if answerer.dense else "bm25",
         "precision": resolve_precision(answerer.reader.device, answerer.precision), "int8": cfg.reader.int8,
-        "regex": regex, "corpus": cfg.corpus.store, "predictions": str(out)}, folder=metrics.parent)
+        "regex": regex, "corpus": cfg.corpus.store, "predictions": str(out), **machine_figures()})
     print(f"predictions: {out}\nmetrics: {metrics}")
 
 

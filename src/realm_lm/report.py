@@ -19,20 +19,23 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def write_results(name: str, figures: dict[str, Any], folder: str | Path = "benchmarks/results") -> Path:
     """Flat JSON ``{key: number-or-string}`` of one benchmark run, with the machine it ran on."""
+    from realm_lm.artifacts import write_json_atomic
+
+    path = Path(folder) / f"{name}.json"
+    write_json_atomic(path, {**figures, **machine_figures()})
+    return path
+
+
+def machine_figures() -> dict[str, Any]:
+    """What a figure was measured on: CPU, bf16 silicon, platform, torch, threads, GPU."""
     import torch
 
     from realm_lm.runtime import cpu_bf16_instructions
 
-    from realm_lm.artifacts import write_json_atomic
-
-    path = Path(folder) / f"{name}.json"
-    figures = {**figures, "machine.cpu": cpu_model(), "machine.cpu_count": os.cpu_count(),
-               "machine.bf16_instructions": cpu_bf16_instructions() or "none",
-               "machine.platform": platform.platform(),
-               "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads(),
-               "machine.gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
-    write_json_atomic(path, figures)
-    return path
+    return {"machine.cpu": cpu_model(), "machine.cpu_count": os.cpu_count(),
+            "machine.bf16_instructions": cpu_bf16_instructions() or "none", "machine.platform": platform.platform(),
+            "machine.torch": torch.__version__, "machine.threads": torch.get_num_threads(),
+            "machine.gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 
 
 def cpu_model() -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -74,6 +74,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def tensor_names(checkpoint: Path) -> set[str]:
+    """The names of the weights in a checkpoint folder (read from the safetensors header, no tensor data)."""
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
                     strict: bool = True) -> dict[str, Any]:
     """Load weights (and optimizer state) into ``model`` / ``opt``; return state.json."""
@@ -82,7 +88,9 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=strict)
     except (OSError, json.JSONDecodeError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {path} is unreadable or does not fit this model: {err}") from err
-    if len(missing) == len(model.state_dict()):  # strict=False loads what fits; nothing fitting means the wrong run
+    # strict=False loads what fits; nothing used means the wrong run. (``missing`` cannot tell: safetensors drops
+    # tied aliases from it, and a model with tied weights never counts as missing all of them.)
+    if not tensor_names(path) - set(unexpected):
         raise CheckpointError(f"checkpoint {path} holds none of this model's weights "
                               f"({len(unexpected)} tensors of another model): is it the right run folder?")
     if opt is not None and (path / "optim.safetensors").is_file():

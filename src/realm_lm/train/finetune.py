@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from realm_lm.artifacts import write_json_atomic
@@ -32,7 +31,7 @@ from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                       truncate_metrics_log)
+                                       tensor_names, truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
 from realm_lm.train.loop import clip_each_group, run_steps
 from realm_lm.train.pretrain import linear_schedule
@@ -61,8 +60,7 @@ def checkpoint_keys(run_dir: str | Path) -> set[str]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"finetune.init_from: no checkpoint in {run_dir}")
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
-        return set(f.keys())
+    return tensor_names(ckpt)
 
 
 def training_questions(cfg: RunConfig) -> list[Question]:
