@@ -63,6 +63,20 @@ def test_unknown_override_gives_exit_2(tmp_path, capsys):
     assert "unknown key" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["ask", "Who?", "--from", "run", "-k", "0"], "argument -k: must be from 1 to 100, not 0"),
+    (["ask", "Who?", "--from", "run", "-k", "100000"], "argument -k: must be from 1 to 100"),  # once read every block
+    (["ask", "Who?", "--from", "run", "-n", "-3"], "argument -n: must be from 1 to 50, not -3"),  # once showed all
+    (["eval", "qa", "--from", "run", "--limit", "-5"], "argument --limit: must be >= 0"),  # once dropped the last 5
+    (["retrieve", "Who?", "-k", "two"], "argument -k: expected an integer, got 'two'"),
+])
+def test_counts_out_of_range_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert realm(tmp_path, "corpus", "build") == 0
     assert realm(tmp_path, "ict") == 0

@@ -32,6 +32,18 @@ def test_overrides_are_typed():
     ("embedder.share_towers=1", "expected bool"),
     ("eval.ks=5", "expected a list"),
     ("index", "must look like"),
+    # values out of range fail when the config is loaded, not minutes into a run (each crashed or misbehaved once)
+    ("reader.top_k=0", r"reader.top_k must be >= 1, not 0"),
+    ("pretrain.top_k=1", r"pretrain.top_k must be >= 2"),  # the null block is one of the k
+    ("pretrain.heldout_every=0", r"heldout_every must be >= 2"),
+    ("finetune.lr=0", r"finetune.lr must be > 0"),
+    ("ict.remove_prob=1.5", r"ict.remove_prob must lie in \[0, 1\]"),
+    ("eval.ks=[]", "non-empty list"),
+    ("eval.ks=[0, 5]", "non-empty list"),
+    ("index.backend=annoy", "index.backend must be one of exact, faiss-flat"),
+    ("refresh.mode=sometimes", "refresh.mode must be one of async, sync, never"),
+    ("pretrain.masking=whole-word", "pretrain.masking must be one of"),
+    ("runtime.precision=fp8", "runtime.precision must be one of"),
 ])
 def test_bad_overrides_are_rejected(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -47,6 +59,12 @@ def test_a_run_saved_with_a_retired_key_still_loads_but_a_preset_may_not_set_it(
         config_from_dict(stored)
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["pretrain.log_every=1"])
+
+
+def test_a_config_built_in_code_is_checked_too():
+    from dataclasses import replace
+    with pytest.raises(ConfigError, match="finetune.retriever must be one of realm, bm25"):
+        replace(RunConfig().finetune, retriever="tfidf")
 
 
 def test_bad_preset_file(tmp_path):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from realm_lm.config import IndexConfig, load_config
+from realm_lm.config import INDEX_BACKENDS, IndexConfig, load_config
 from realm_lm.corpus.store import CorpusStore, build_corpus
-from realm_lm.index.backends import BACKENDS, make_index
+from realm_lm.index.backends import make_index
 from realm_lm.index.build import build_index, length_batches
 from realm_lm.index.versioned import (IndexMismatchError, IndexNotFoundError, latest_version, load_index,
                                       publish, read_manifest)
@@ -32,7 +32,7 @@ def tied_data(n=500, d=16, seed=0):
     return x, q
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INDEX_BACKENDS)
 def test_backends_match_brute_force_with_ties(backend):
     x, q = tied_data()
     cfg = IndexConfig(backend=backend, chunk_rows=64, hnsw_ef_search=500, ivf_nprobe=10_000, ivf_refine=50)
@@ -81,7 +81,7 @@ def built(tiny_cfg):
     return tiny_cfg
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", INDEX_BACKENDS)
 def test_publish_and_load_round_trip(built, tmp_path, backend):
     store = CorpusStore(built.corpus.store)
     emb = np.random.default_rng(1).standard_normal((len(store), 16)).astype(np.float32)

@@ -156,6 +156,8 @@ class Answerer:
     def answer(self, questions: Sequence[str], k: int | None = None, top_n: int = 5,
                progress: bool = False) -> list[Response]:
         questions = [check_question(q) for q in questions]
+        if (k is not None and k < 1) or top_n < 1:
+            raise ValueError(f"k and top_n must be >= 1, not {k} and {top_n}")
         k = min(k or self.top_k, len(self.store))  # a corpus smaller than k: read every block
         scores, logits, rows = self.retrieve(questions, k, progress=progress)
         r = self.reader_cfg

@@ -10,10 +10,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.artifacts import write_json_atomic
-from realm_lm.config import ConfigError, RunConfig, load_config
+from realm_lm.config import MAX_ANSWERS, MAX_BLOCKS_READ, ConfigError, RunConfig, load_config
 from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer from ``low`` to ``high`` (no upper bound when None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {'>= ' + str(low) if high is None else f'from {low} to {high}'}"
+                                             f", not {value}")
+        return value
+    return parse
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -255,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("retrieve", help="print the top-k blocks for a question")
     _common(p)
     p.add_argument("question")
-    p.add_argument("-k", type=int, default=5)
+    p.add_argument("-k", type=int_in(1), default=5)
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     _from(p)
     _corpus(p)
@@ -273,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
     p.add_argument("--questions", help="a SQuAD JSON or JSONL {question, answers} file instead of an Open-SQuAD split")
-    p.add_argument("--limit", type=int, default=0, help="only the first N questions")
+    p.add_argument("--limit", type=int_in(0), default=0, help="only the first N questions (0: all)")
     p.add_argument("--regex", action="store_true", help="gold answers are regular expressions (CuratedTrec)")
     p.add_argument("--predictions", help="predictions JSONL (default RUN_DIR/predictions-<split>.jsonl)")
     p.add_argument("--json", help="metrics JSON (default: metrics-<split>.json beside the predictions)")
@@ -302,15 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")
     _common(p)
     p.add_argument("question", nargs="+")
-    p.add_argument("-k", type=int, default=None, help="blocks read per question (default reader.top_k)")
-    p.add_argument("-n", type=int, default=3, help="answers shown per question")
+    p.add_argument("-k", type=int_in(1, MAX_BLOCKS_READ), default=None,
+                   help="blocks read per question (default reader.top_k)")
+    p.add_argument("-n", type=int_in(1, MAX_ANSWERS), default=3, help="answers shown per question")
     _from_finetuned(p)
     _corpus(p)
     p.set_defaults(func=cmd_ask)
     p = verbs.add_parser("serve", help="answer questions with a fine-tuned run over HTTP (POST /ask, GET /health)")
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(0, 65535), default=8000)
     _from_finetuned(p)
     _corpus(p)
     p.set_defaults(func=cmd_serve)

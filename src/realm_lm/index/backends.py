@@ -13,10 +13,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from realm_lm.config import IndexConfig
+from realm_lm.config import INDEX_BACKENDS, IndexConfig
 
 FP16_PIECE_ROWS = 8192  # 8192 x 128 fp32 = 4 MiB: converted rows stay in cache for the matmul
-BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf-pq")
 
 
 class Index(Protocol):
@@ -31,8 +30,6 @@ class ExactIndex:
     """Brute-force inner product over all rows, ``chunk_rows`` at a time, merging running top-k lists."""
 
     def __init__(self, cfg: IndexConfig):
-        if cfg.dtype not in ("float32", "float16"):
-            raise ValueError(f"index.dtype must be float32 or float16, not {cfg.dtype!r}")
         self.dtype = torch.float16 if cfg.dtype == "float16" else torch.float32
         self.chunk_rows = cfg.chunk_rows
         self.emb = torch.empty(0, 0, dtype=self.dtype)  # [N, D]
@@ -152,6 +149,6 @@ class FaissIndex:
 def make_index(cfg: IndexConfig) -> Index:
     if cfg.backend == "exact":
         return ExactIndex(cfg)
-    if cfg.backend in BACKENDS:
+    if cfg.backend in INDEX_BACKENDS:
         return FaissIndex(cfg.backend, cfg)
-    raise ValueError(f"unknown index.backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown index.backend {cfg.backend!r}; choose one of {', '.join(INDEX_BACKENDS)}")

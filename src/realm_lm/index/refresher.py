@@ -30,8 +30,6 @@ from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
 
-REFRESH_MODES = ("async", "sync", "never")
-
 
 class IndexBuilderError(RuntimeError):
     """The builder process failed ``refresh.max_failures`` times in a row, or could not build the first index."""
@@ -62,8 +60,6 @@ class RefreshStats:
 
 class IndexRefresher:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore, launches: bool = True):
-        if cfg.refresh.mode not in REFRESH_MODES:
-            raise ValueError(f"refresh.mode must be one of {REFRESH_MODES}, not {cfg.refresh.mode!r}")
         self.run_dir = Path(run_dir)
         self.cfg = replace(cfg, index=replace(cfg.index, dir=str(self.run_dir / "index")))
         self.store = store

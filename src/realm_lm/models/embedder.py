@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from realm_lm.config import EmbedderConfig
+from realm_lm.config import POOLINGS, EmbedderConfig
 from realm_lm.models.cpu_dropout import install_cpu_dropout
 from realm_lm.models.pretrained import resolve_model_dir
 
@@ -40,9 +40,6 @@ def configure_dropout(module: nn.Module, attention_p: float) -> None:
         if type(m).__name__.endswith("SelfAttention") and isinstance(getattr(m, "dropout", None), nn.Dropout):
             m.dropout.p = attention_p  # eager attention's nn.Dropout
     install_cpu_dropout(module)
-
-
-POOLINGS = ("mean-proj", "cls-proj", "mean")
 
 
 class Embedder(nn.Module):

@@ -17,13 +17,15 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from realm_lm.answer import Answer, Answerer
+from realm_lm.config import MAX_ANSWERS, MAX_BLOCKS_READ
 from realm_lm.retrieval import MAX_QUESTION_CHARS, BadQuestionError
 
 
 class AskRequest(BaseModel):
     question: str = Field(description=f"the question (1 to {MAX_QUESTION_CHARS} characters)")
-    n: int = Field(3, ge=1, le=50, description="answers to return")
-    k: int | None = Field(None, ge=1, le=100, description="blocks to retrieve and read (default: the run's reader.top_k)")
+    n: int = Field(3, ge=1, le=MAX_ANSWERS, description="answers to return")
+    k: int | None = Field(None, ge=1, le=MAX_BLOCKS_READ,
+                          description="blocks to retrieve and read (default: the run's reader.top_k)")
 
 
 def answer_json(a: Answer) -> dict[str, Any]:

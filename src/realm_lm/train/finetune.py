@@ -36,7 +36,6 @@ from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, q
 from realm_lm.train.loop import clip_each_group, run_steps
 from realm_lm.train.pretrain import linear_schedule
 
-RETRIEVERS = ("realm", "bm25")
 RETRIEVAL_SCALE_KEY = "retrieval_scale.log_scale"  # its name in a fine-tuning checkpoint
 
 
@@ -72,8 +71,6 @@ def training_questions(cfg: RunConfig) -> list[Question]:
 class FinetuneRecipe:
     def __init__(self, cfg: RunConfig):
         f = cfg.finetune
-        if f.retriever not in RETRIEVERS:
-            raise ValueError(f"finetune.retriever must be one of {RETRIEVERS}, not {f.retriever!r}")
         self.cfg = cfg
         self.run_dir = Path(f.run_dir)
         self.step = 0

@@ -17,8 +17,7 @@ from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.refresher import IndexBuilderError, IndexRefresher
 from realm_lm.losses import marginal_nll, retrieval_utility
-from realm_lm.masking import (MASKING_MODES, build_sentence_table, mask_query, salient_spans,
-                              spans_per_sentence)
+from realm_lm.masking import build_sentence_table, mask_query, salient_spans, spans_per_sentence
 from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
@@ -57,10 +56,6 @@ def linear_schedule(opt: torch.optim.Optimizer, warmup: int, total: int, done: i
 class PretrainRecipe:
     def __init__(self, cfg: RunConfig):
         p = cfg.pretrain
-        if p.masking not in MASKING_MODES:
-            raise ValueError(f"pretrain.masking must be one of {MASKING_MODES}, not {p.masking!r}")
-        if p.top_k < 2:
-            raise ValueError("pretrain.top_k counts the null block, so it must be >= 2")
         self.cfg = cfg
         self.run_dir = Path(p.run_dir)
         self.step = 0
