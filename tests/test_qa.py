@@ -363,7 +363,7 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
     assert "[Zorvath]" in out
 
 
-def test_bad_questions_give_clear_errors(tmp_path, capsys):
+def test_bad_input_and_damaged_artifacts_give_clear_errors(tmp_path, capsys):
     from realm_lm.cli import main
 
     def realm(*argv):
@@ -386,6 +386,28 @@ def test_bad_questions_give_clear_errors(tmp_path, capsys):
     assert main(["finetune", "--config", str(ROOT / "configs" / "tiny.toml"), *sets]) == 2
     assert realm("ask", "Who?", "--from", str(tmp_path / "nowhere")) == 2
     assert realm("eval", "qa", "--from", str(tmp_path / "corpus")) == 2  # not a run folder
+
+    # files damaged after they were written (a full disk, a bad copy): exit 2 with what to rebuild, no traceback.
+    # Each is read before the previous one, so each error is the one just made.
+    assert realm("ask", "Who?", "--from", run) == 0  # builds the run's own index
+    capsys.readouterr()
+    (embeddings,) = (tmp_path / "finetune").glob("eval-index-*/versions/*/embeddings.npy")
+    embeddings.write_bytes(embeddings.read_bytes()[:200])
+    assert realm("ask", "Who?", "--from", run) == 2
+    err = capsys.readouterr().err
+    assert "is unreadable" in err and "realm index build" in err
+    tokens = tmp_path / "corpus" / "tokens.npy"
+    tokens.write_bytes(tokens.read_bytes()[:200])
+    assert realm("ask", "Who?", "--from", run) == 2
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "realm corpus build" in err
+    (weights,) = (tmp_path / "finetune" / "checkpoints").glob("step_*/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert realm("ask", "Who?", "--from", run) == 2
+    assert "is unreadable" in capsys.readouterr().err
+    (tmp_path / "finetune" / "config.json").write_text('{"corpus": ')
+    assert realm("ask", "Who?", "--from", run) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
 
 
 def test_answerer_rejects_runs_without_a_reader(tmp_path):

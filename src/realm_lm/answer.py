@@ -24,7 +24,7 @@ from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model
 from realm_lm.models.reader import Reader
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.retrieval import Hit, Searcher, check_question, hits_of, make_searcher, trained_config
-from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint
+from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint, read_weights
 from realm_lm.train.data import ReaderBatch, question_ids, reader_batch, title_and_body
 
 CANDIDATE_PAIRS = 50  # best (block, span) pairs per question that are turned into answer strings
@@ -54,15 +54,13 @@ class Response:
 def load_reader(run_dir: str | Path) -> tuple[Reader, float, RunConfig]:
     """The fine-tuned reader of a `realm finetune` run (its latest checkpoint), the retrieval scale it learned with
     (1.0 for runs that had none: BM25, or before the scale was learned) and the run's config."""
-    from safetensors.torch import load_file
-
     from realm_lm.train.finetune import RETRIEVAL_SCALE_KEY
 
     run_cfg = run_config(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {run_dir}")
-    saved = load_file(str(ckpt / "model.safetensors"))
+    saved = read_weights(ckpt)
     scale = float(saved[RETRIEVAL_SCALE_KEY].exp()) if RETRIEVAL_SCALE_KEY in saved else 1.0
     tensors = {k.removeprefix("reader."): v for k, v in saved.items() if k.startswith("reader.")}
     if not tensors:

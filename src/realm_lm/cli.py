@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     from realm_lm.corpus.readers import CorpusInputError
     from realm_lm.corpus.store import CorpusStoreError
     from realm_lm.index.refresher import IndexBuilderError
-    from realm_lm.index.versioned import IndexMismatchError, IndexNotFoundError
+    from realm_lm.index.versioned import IndexCorruptError, IndexMismatchError, IndexNotFoundError
     from realm_lm.models.pretrained import ModelNotFoundError
     from realm_lm.corpus.questions import QaFileError
     from realm_lm.retrieval import BadQuestionError
@@ -358,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from realm_lm.masking import NerUnavailableError
     from realm_lm.train.checkpoint import CheckpointError
-    expected = (ConfigError, IndexBuilderError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError, CorpusStoreError, IndexNotFoundError, IndexMismatchError,
-                ModelNotFoundError, BadQuestionError, QaFileError, FileNotFoundError)
+    expected = (ConfigError, IndexBuilderError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError,
+                CorpusStoreError, IndexNotFoundError, IndexMismatchError, IndexCorruptError, ModelNotFoundError,
+                BadQuestionError, QaFileError, FileNotFoundError)
     t0 = time.perf_counter()
     try:
         args.func(args)

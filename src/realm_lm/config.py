@@ -381,4 +381,7 @@ def run_config(run_dir: str | Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run folder (no config.json)")
-    return config_from_dict(json.loads(path.read_text()))
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): the run folder is damaged") from err

@@ -41,11 +41,15 @@ class CorpusStore:
         manifest = self.folder / "manifest.json"
         if not manifest.is_file():
             raise CorpusStoreError(f"no corpus store at {self.folder} (run `realm corpus build` first)")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != STORE_FORMAT:
-            raise CorpusStoreError(f"{self.folder}: store format {self.manifest.get('format')} is not {STORE_FORMAT}")
-        self.table = pq.read_table(self.folder / "blocks.parquet")
-        self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")  # int32 [N, block_len]
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            if self.manifest.get("format") != STORE_FORMAT:
+                raise CorpusStoreError(f"{self.folder}: store format {self.manifest.get('format')} is not {STORE_FORMAT}")
+            self.table = pq.read_table(self.folder / "blocks.parquet")
+            self.tokens = np.load(self.folder / "tokens.npy", mmap_mode="r")  # int32 [N, block_len]
+        except (OSError, ValueError, pa.ArrowException) as err:  # JSONDecodeError is a ValueError; numpy: short file
+            raise CorpusStoreError(f"corpus store {self.folder} is damaged ({err}); build it again with "
+                                   f"`realm corpus build`") from err
         if self.tokens.shape[0] != self.table.num_rows:
             raise CorpusStoreError(f"{self.folder}: {self.tokens.shape[0]} token rows but {self.table.num_rows} blocks")
 

@@ -37,6 +37,15 @@ class IndexMismatchError(RuntimeError):
     pass
 
 
+class IndexCorruptError(RuntimeError):
+    """A published version whose files cannot be read (damaged after it was written: writes are atomic)."""
+
+
+def _corrupt(index_dir: Path, version: str, err: Exception) -> IndexCorruptError:
+    return IndexCorruptError(f"index {index_dir} version {version} is unreadable ({err}); rebuild it with "
+                             f"`realm index build` (a run's own index: delete the folder, it is rebuilt on first use)")
+
+
 def block_ids_hash(block_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(block_ids).encode()).hexdigest()
 
@@ -78,7 +87,10 @@ def read_manifest(index_dir: str | Path, version: str | None = None) -> dict[str
     path = index_dir / "versions" / str(version) / "manifest.json"
     if version is None or not path.is_file():
         raise IndexNotFoundError(f"no index at {index_dir} (run `realm index build` first)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise _corrupt(index_dir, version, err) from err
 
 
 def check_against(manifest: dict[str, Any], store: CorpusStore) -> None:
@@ -99,7 +111,10 @@ def load_index(index_dir: str | Path, store: CorpusStore | None = None, version:
     built = IndexConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"]["index"].items()})
     search_cfg = replace(cfg, backend=built.backend, dtype=built.dtype) if cfg else built
     index = make_index(search_cfg)
-    index.load(Path(index_dir) / "versions" / manifest["version"])
+    try:
+        index.load(Path(index_dir) / "versions" / manifest["version"])
+    except (OSError, ValueError, RuntimeError) as err:  # numpy: truncated array; faiss: unreadable file
+        raise _corrupt(Path(index_dir), manifest["version"], err) from err
     return index, manifest
 
 
@@ -113,5 +128,8 @@ def find_embeddings(index_dir: str | Path, embedding_key: str) -> np.ndarray | N
         except (OSError, json.JSONDecodeError):
             continue
         if manifest.get("embedding_key") == embedding_key:
-            return np.load(path / "embeddings.npy")
+            try:
+                return np.load(path / "embeddings.npy")
+            except (OSError, ValueError):  # damaged: embed again
+                continue
     return None

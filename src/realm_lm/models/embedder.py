@@ -155,9 +155,7 @@ def build_retriever(cfg: EmbedderConfig) -> Retriever:
 
 def load_retriever_weights(retriever: Retriever, checkpoint: str | Path) -> None:
     """The ``retriever.*`` tensors of a training checkpoint (a run folder means its latest checkpoint)."""
-    from safetensors.torch import load_file
-
-    from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint
+    from realm_lm.train.checkpoint import CheckpointError, latest_checkpoint, read_weights
 
     path = Path(checkpoint)
     if not (path / "model.safetensors").is_file():
@@ -165,7 +163,7 @@ def load_retriever_weights(retriever: Retriever, checkpoint: str | Path) -> None
     file = path / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {checkpoint}")
-    tensors = {k.removeprefix("retriever."): v for k, v in load_file(str(file)).items() if k.startswith("retriever.")}
+    tensors = read_weights(path, "retriever.")
     missing, _ = retriever.load_state_dict(tensors, strict=False)
     # a shared tower is stored once, under either name: a key is only missing if its twin is missing too
     twin = lambda k: k.replace("query.", "doc.", 1) if k.startswith("query.") else k.replace("doc.", "query.", 1)  # noqa: E731

@@ -76,8 +76,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def tensor_names(checkpoint: Path) -> set[str]:
     """The names of the weights in a checkpoint folder (read from the safetensors header, no tensor data)."""
-    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
-        return set(f.keys())
+    try:
+        with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {checkpoint} is unreadable: {err}") from err
+
+
+def read_weights(checkpoint: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint folder whose names start with ``prefix``, named without it."""
+    try:
+        tensors = load_file(str(checkpoint / "model.safetensors"))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {checkpoint} is unreadable: {err}") from err
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | None = None,
@@ -94,7 +106,10 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
         raise CheckpointError(f"checkpoint {path} holds none of this model's weights "
                               f"({len(unexpected)} tensors of another model): is it the right run folder?")
     if opt is not None and (path / "optim.safetensors").is_file():
-        tensors = load_file(str(path / "optim.safetensors"))
+        try:
+            tensors = load_file(str(path / "optim.safetensors"))
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"checkpoint {path}: the optimizer state is unreadable: {err}") from err
         per_param: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             idx, name = key.split(".", 1)

@@ -30,8 +30,8 @@ from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
-from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                       tensor_names, truncate_metrics_log)
+from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_weights, save_checkpoint,
+                                       set_rng_state, tensor_names, truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
 from realm_lm.train.loop import clip_each_group, run_steps
 from realm_lm.train.pretrain import linear_schedule
@@ -94,11 +94,7 @@ class FinetuneRecipe:
         reader = Reader(load_bert(resolve_model_dir(cfg.encoder.model)), r.span_hidden, r.max_span_len)
         self.model = QaModel(retriever, reader, f.retrieval_scale)
         if any(k.startswith("encoder.bert.") for k in init_keys):  # REALM pre-training: the reader reads with its encoder
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(latest_checkpoint(f.init_from) / "model.safetensors"))
-            reader.bert.load_state_dict({k.removeprefix("encoder.bert."): v for k, v in tensors.items()
-                                         if k.startswith("encoder.bert.")})
+            reader.bert.load_state_dict(read_weights(latest_checkpoint(f.init_from), "encoder.bert."))
         if any(k.startswith("reader.") for k in init_keys):  # continue from a fine-tuned run
             load_checkpoint(latest_checkpoint(f.init_from), self.model, strict=False)
         if not self.dense:
