@@ -29,6 +29,7 @@ from realm_lm.index.build import build_index
 from realm_lm.report import markdown_table, write_results
 from realm_lm.retrieval import make_searcher, minilm_mean_config, trained_config
 from realm_lm.runtime import setup_runtime
+from realm_lm.train.checkpoint import read_metrics_log
 from realm_lm.train.ict import IctRecipe, main as ict_main
 from realm_lm.train.pretrain import PretrainRecipe
 
@@ -61,10 +62,7 @@ def heldout_accuracy(cfg, init_from: str, out_dir: Path, n_queries: int) -> dict
 
 def finished_history(run_dir: str, steps: int) -> list[dict] | None:
     """The metrics log of a run that already reached ``steps`` (``--reuse``), else None."""
-    log = Path(run_dir) / "metrics.jsonl"
-    if not log.exists():
-        return None
-    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    history = read_metrics_log(run_dir)
     steps_logged = [h["step"] for h in history]
     return history if steps_logged == list(range(1, steps + 1)) else None  # complete and from one uninterrupted run
 

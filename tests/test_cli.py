@@ -79,14 +79,20 @@ def test_counts_out_of_range_are_refused_before_anything_runs(argv, message, cap
 
 def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert realm(tmp_path, "corpus", "build") == 0
-    assert realm(tmp_path, "ict") == 0
-    assert "ict_recall@1" in capsys.readouterr().out
+    assert realm(tmp_path, "ict", "--resume") == 0  # nothing to resume yet: said, and a fresh run
+    captured = capsys.readouterr()
+    assert "ict_recall@1" in captured.out and "no checkpoint in" in captured.err
     assert realm(tmp_path, "pretrain", "--set", "pretrain.steps=2") == 0
     assert realm(tmp_path, "pretrain", "--resume", "--set", "pretrain.steps=3") == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "step 3:" in out
     png = tmp_path / "pretrain" / "metrics.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    log = tmp_path / "pretrain" / "metrics.jsonl"
+    first, *rest = log.read_text().splitlines(keepends=True)
+    log.write_text(first + "{not json\n" + "".join(rest))
+    assert main(["plot", str(tmp_path / "pretrain")]) == 2
+    assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
     assert realm(tmp_path, "eval", "retrieval", "--split", "dev", "--from", str(tmp_path / "pretrain"),
                  "--set", f"eval.squad={tmp_path / 'missing.json'}") == 2
     assert "missing.json not found" in capsys.readouterr().err

@@ -72,6 +72,7 @@ def test_ict_resume_after_a_lost_checkpoint_redoes_the_steps_once(tiny_cfg):
     full = [json.loads(x)["loss"] for x in log.read_text().splitlines()]
     shutil.rmtree(recipe.run_dir / "checkpoints" / "step_0000003")
     (recipe.run_dir / "checkpoints" / "LATEST").write_text("step_0000002")
+    log.write_text(log.read_text() + '{"step": 4, "lo')  # and a line cut short by the kill
     resumed = IctRecipe(tiny_cfg)
     resumed.setup(resume=True)
     assert resumed.step == 2

@@ -357,10 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     from realm_lm.masking import NerUnavailableError
-    from realm_lm.train.checkpoint import CheckpointError
+    from realm_lm.train.checkpoint import CheckpointError, MetricsLogError
     expected = (ConfigError, IndexBuilderError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError,
                 CorpusStoreError, IndexNotFoundError, IndexMismatchError, IndexCorruptError, ModelNotFoundError,
-                BadQuestionError, QaFileError, FileNotFoundError)
+                BadQuestionError, QaFileError, MetricsLogError, FileNotFoundError)
     t0 = time.perf_counter()
     try:
         args.func(args)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from realm_lm.train.checkpoint import MetricsLogError, read_metrics_log
 
 PANELS = {  # metric key -> panel title; panels whose key the log lacks are skipped
     "loss": "loss (-log marginal likelihood)",
@@ -36,9 +37,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         raise FileNotFoundError(f"{log} not found: is {run_dir} a training run folder?")
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = read_metrics_log(run_dir)
     if not rows:
-        raise ValueError(f"{log} is empty")
+        raise MetricsLogError(f"{log} holds no step yet")
     panels = [(k, t) for k, t in PANELS.items() if k in rows[0]]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
     steps = [r["step"] for r in rows]

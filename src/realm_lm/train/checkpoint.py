@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
+    """The checkpoint ``--resume`` continues from: the run's latest. None without ``--resume``, and also, said on
+    stderr, when the run has none yet (a job script that always passes ``--resume`` starts at step 0)."""
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {run_dir} yet, starting at step 0", file=sys.stderr)
+    return ckpt
+
+
 def tensor_names(checkpoint: Path) -> set[str]:
     """The names of the weights in a checkpoint folder (read from the safetensors header, no tensor data)."""
     try:
@@ -121,16 +133,44 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     return state
 
 
+class MetricsLogError(ValueError):
+    """A run's metrics.jsonl has a line that is not a step's metrics."""
+
+
+def read_metrics_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The metrics of each logged step of a run ([] when it has no log). A last line cut short, as a process killed
+    mid-write can leave it, is dropped: the step it logged is redone on resume."""
+    log = Path(run_dir) / "metrics.jsonl"
+    if not log.exists():
+        return []
+    text = log.read_text()
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise MetricsLogError(f"{log}:{number}: not JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise MetricsLogError(f"{log}:{number}: expected an object with an integer \"step\"")
+        rows.append(row)
+    return rows
+
+
 def truncate_metrics_log(run_dir: str | Path, step: int) -> None:
     """A run that starts at ``step`` keeps only the metrics lines of the steps before it, atomically: after a
     resume the steps since the checkpoint are redone; a fresh run (step 0) does not append to an old run's log."""
     log = Path(run_dir) / "metrics.jsonl"
     if not log.exists():
         return
-    kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = [row for row in read_metrics_log(run_dir) if row["step"] <= step]
     if not kept:
         log.unlink()
         return
     tmp = log.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
     tmp.replace(log)

@@ -30,8 +30,8 @@ from realm_lm.models.reader import Reader, enumerate_spans
 from realm_lm.retrieval import Bm25Searcher, encode_queries, trained_config
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
-from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_weights, save_checkpoint,
-                                       set_rng_state, tensor_names, truncate_metrics_log)
+from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_weights, resume_point,
+                                       save_checkpoint, set_rng_state, tensor_names, truncate_metrics_log)
 from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
 from realm_lm.train.loop import clip_each_group, run_steps
 from realm_lm.train.pretrain import linear_schedule
@@ -117,7 +117,7 @@ class FinetuneRecipe:
         main_rank = distributed.is_main()
         if main_rank:
             write_json_atomic(self.run_dir / "config.json", config_to_dict(self.run_config()))
-        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+        if (ckpt := resume_point(self.run_dir, resume)) is not None:
             state = load_checkpoint(ckpt, self.model, self.opt)
             self.step = state["step"]
             self.sched = linear_schedule(self.opt, warmup, f.steps, done=self.step)

@@ -25,8 +25,7 @@ from realm_lm.models.embedder import Retriever, build_retriever, configure_dropo
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
-from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                       truncate_metrics_log)
+from realm_lm.train.checkpoint import load_checkpoint, resume_point, save_checkpoint, set_rng_state, truncate_metrics_log
 from realm_lm.train.data import heldout_mask, pad_rows, title_and_body
 from realm_lm.train.loop import run_steps
 
@@ -65,7 +64,7 @@ class IctRecipe:
         main_rank = distributed.is_main()
         if main_rank:
             write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
-        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+        if (ckpt := resume_point(self.run_dir, resume)) is not None:
             state = load_checkpoint(ckpt, self.model, self.opt)
             self.step = state["step"]
             set_rng_state(state["rng"])

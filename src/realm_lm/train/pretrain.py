@@ -23,8 +23,8 @@ from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
-from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state,
-                                       truncate_metrics_log)
+from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, resume_point, save_checkpoint,
+                                       set_rng_state, truncate_metrics_log)
 from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
                                  pad_rows)
 from realm_lm.train.loop import clip_each_group, run_steps
@@ -107,7 +107,7 @@ class PretrainRecipe:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             write_json_atomic(self.run_dir / "config.json", config_to_dict(cfg))
-        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+        if (ckpt := resume_point(self.run_dir, resume)) is not None:
             self.resume(ckpt)
         if distributed.is_main():
             truncate_metrics_log(self.run_dir, self.step)
