@@ -5,6 +5,7 @@ import json
 import pytest
 
 from realm_lm.cli import main
+from realm_lm.index.versioned import latest_version, read_manifest
 
 from conftest import ROOT, tiny_overrides
 
@@ -96,3 +97,26 @@ def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert realm(tmp_path, "eval", "retrieval", "--split", "dev", "--from", str(tmp_path / "pretrain"),
                  "--set", f"eval.squad={tmp_path / 'missing.json'}") == 2
     assert "missing.json not found" in capsys.readouterr().err
+
+
+def test_a_run_trained_further_gets_a_fresh_index_not_the_stale_one(tmp_path, capsys):
+    """A run's own index (RUN/eval-index-*) is keyed by the weights that embedded it, not by "a version exists": after
+    `--resume` trains the towers further, retrieval from the run re-embeds instead of searching stale vectors."""
+    assert realm(tmp_path, "corpus", "build") == 0
+    assert realm(tmp_path, "ict") == 0
+    ict = str(tmp_path / "ict")
+    assert realm(tmp_path, "retrieve", "Who built Aldermoor?", "--from", ict) == 0  # builds the run's index
+    (index_dir,) = (tmp_path / "ict").glob("eval-index-*")
+    first = latest_version(index_dir)
+    assert realm(tmp_path, "retrieve", "Who built Aldermoor?", "--from", ict) == 0
+    assert latest_version(index_dir) == first  # same weights: the same index
+    assert realm(tmp_path, "ict", "--resume", "--set", "ict.steps=5") == 0
+    assert realm(tmp_path, "retrieve", "Who built Aldermoor?", "--from", ict) == 0
+    assert latest_version(index_dir) != first
+    manifest = read_manifest(index_dir)
+    assert manifest["embedder_weights_sha256"] != read_manifest(index_dir, first)["embedder_weights_sha256"]
+    # an index built by `realm index build` is not rebuilt behind the user's back: other towers are an error
+    assert realm(tmp_path, "index", "build") == 0
+    capsys.readouterr()
+    assert realm(tmp_path, "retrieve", "Who built Aldermoor?", "--set", "embedder.seed=1") == 2
+    assert "embedded by other document-tower weights" in capsys.readouterr().err

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from realm_lm.config import RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.build import build_index
-from realm_lm.index.versioned import latest_version, load_index
-from realm_lm.models.embedder import Embedder, build_retriever
+from realm_lm.index.build import build_index, embeds_with
+from realm_lm.index.versioned import IndexMismatchError, latest_version, load_index, read_manifest
+from realm_lm.models.embedder import Embedder, Retriever, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
 
@@ -84,12 +84,18 @@ def embed_questions(embedder: Embedder, questions: Sequence[str], model_dir: Pat
 class DenseSearcher:
     """Query tower + a published index version over ``store``."""
 
-    def __init__(self, cfg: RunConfig, store: CorpusStore | None = None):
+    def __init__(self, cfg: RunConfig, store: CorpusStore | None = None, retriever: Retriever | None = None):
         self.cfg = cfg
         self.store = store or CorpusStore(cfg.corpus.store)
         self.index, self.manifest = load_index(cfg.index.dir, self.store, cfg=cfg.index)
+        retriever = retriever or build_retriever(cfg.embedder)
+        if not embeds_with(self.manifest, cfg, retriever.doc, self.store):  # queries and blocks from other towers
+            raise IndexMismatchError(
+                f"index {cfg.index.dir} version {self.manifest['version']} was embedded by other document-tower "
+                f"weights or pooling than embedder.* give ({cfg.embedder.checkpoint or 'as initialised'}); rebuild it "
+                f"with `realm index build`")
         self.model_dir = resolve_model_dir(cfg.embedder.model)
-        self.embedder = build_retriever(cfg.embedder).query.to(resolve_device(cfg.runtime))
+        self.embedder = retriever.query.to(resolve_device(cfg.runtime))
 
     def search(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         with autocast(self.embedder.device, self.cfg.runtime.precision):
@@ -135,9 +141,13 @@ def trained_config(cfg: RunConfig, run_dir: str | Path) -> RunConfig:
 
 def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -> Searcher:
     if kind == "realm":
-        if cfg.embedder.checkpoint and latest_version(cfg.index.dir) is None:
-            build_index(cfg, store=store)  # a trained retriever's own index, built on first use
-        return DenseSearcher(cfg, store)
+        store = store or CorpusStore(cfg.corpus.store)
+        retriever = build_retriever(cfg.embedder)
+        # a trained retriever's own index: built on first use, and again once training has moved its weights on
+        if cfg.embedder.checkpoint and (latest_version(cfg.index.dir) is None or not embeds_with(
+                read_manifest(cfg.index.dir), cfg, retriever.doc, store)):
+            build_index(cfg, store=store, doc_embedder=retriever.doc.to(resolve_device(cfg.runtime)))
+        return DenseSearcher(cfg, store, retriever)
     if kind == "minilm-mean":
         return DenseSearcher(minilm_mean_config(cfg), store)
     if kind == "bm25":

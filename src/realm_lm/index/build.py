@@ -59,6 +59,12 @@ def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def embeds_with(manifest: dict, cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> bool:
+    """Whether an index version (its manifest) holds ``store`` embedded by these document-tower weights and pooling:
+    its vectors are the ones this tower would compute now."""
+    return manifest.get("embedding_key") == embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
+
+
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,
                 doc_embedder: Embedder | None = None, store: CorpusStore | None = None,
                 reuse_from: tuple[str | Path, ...] = ()) -> str:
