@@ -231,7 +231,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _from(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
                    help="use the retriever of a training run (ICT or pre-training); its index of this corpus "
-                        "lives in RUN_DIR/eval-index-<corpus hash> and is built on first use")
+                        "lives in RUN_DIR/eval-index-<corpus hash>, built on first use and again once the run has "
+                        "trained further")
 
 
 def _corpus(p: argparse.ArgumentParser) -> None:
