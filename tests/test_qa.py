@@ -274,6 +274,32 @@ def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path, read
     assert log_scale.item() != scale_before  # the losses calibrate the retrieval scale
 
 
+def test_a_finetune_over_an_old_run_folder_searches_an_index_of_its_own_doc_tower(tmp_path):
+    """Fine-tuning retrieves from an index in its run folder. A new run written where an older one was (or started
+    from a run trained further since) must not search the old weights' vectors, which a "version exists" test kept."""
+    from dataclasses import replace
+
+    from realm_lm.index.versioned import read_manifest
+    from realm_lm.models.embedder import weights_hash
+    from realm_lm.train.ict import main as ict_main
+
+    cfg = finetune_cfg(tmp_path, f"finetune.init_from={tmp_path / 'ict'}")
+    build_corpus(cfg)
+    ict_main(cfg)
+
+    def index_hash_and_doc_hash():
+        recipe = FinetuneRecipe(cfg)
+        recipe.setup(progress=False)
+        (index_dir,) = (tmp_path / "finetune").glob("eval-index-*")
+        return read_manifest(index_dir)["embedder_weights_sha256"], weights_hash(recipe.model.retriever.doc)
+
+    first_index, first_doc = index_hash_and_doc_hash()
+    assert first_index == first_doc
+    ict_main(replace(cfg, ict=replace(cfg.ict, steps=cfg.ict.steps + 2)), resume=True)  # the starting run moves on
+    index, doc = index_hash_and_doc_hash()
+    assert doc != first_doc and index == doc
+
+
 def test_retrieval_logits_are_the_scaled_inner_products():
     bert = BertModel(tiny_bert_config(30))
     model = QaModel(Retriever(*(Embedder(bert, "mean-proj", 4),) * 2), Reader(bert), retrieval_scale=0.25)

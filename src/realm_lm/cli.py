@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.artifacts import write_json_atomic
-from realm_lm.config import MAX_ANSWERS, MAX_BLOCKS_READ, ConfigError, RunConfig, load_config
+from realm_lm.config import FINETUNE_RETRIEVERS, MAX_ANSWERS, MAX_BLOCKS_READ, ConfigError, RunConfig, load_config
 from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
                    help="start from a pre-training (retriever + encoder), ICT (retriever) or fine-tuning run; "
                         "'' = MiniLM (default: finetune.init_from)")
-    p.add_argument("--retriever", choices=["realm", "bm25"], help="default: finetune.retriever")
+    p.add_argument("--retriever", choices=FINETUNE_RETRIEVERS, help="default: finetune.retriever")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.set_defaults(func=cmd_finetune)
     p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")

@@ -36,10 +36,10 @@ MAX_BLOCKS_READ = 100
 MAX_ANSWERS = 50
 
 
-def _check(section: str, cfg: Any, at_least: dict[str, float] = {}, positive: tuple[str, ...] = (),
-           fractions: tuple[str, ...] = (), choices: dict[str, tuple[str, ...]] = {}) -> None:
+def _check(section: str, cfg: Any, at_least: dict[str, float] | None = None, positive: tuple[str, ...] = (),
+           fractions: tuple[str, ...] = (), choices: dict[str, tuple[str, ...]] | None = None) -> None:
     """Range checks of one section (run from ``__post_init__``, so a config built any way is checked)."""
-    for name, low in at_least.items():
+    for name, low in (at_least or {}).items():
         if getattr(cfg, name) < low:
             raise ConfigError(f"{section}.{name} must be >= {low}, not {getattr(cfg, name)!r}")
     for name in positive:
@@ -48,7 +48,7 @@ def _check(section: str, cfg: Any, at_least: dict[str, float] = {}, positive: tu
     for name in fractions:
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"{section}.{name} must lie in [0, 1], not {getattr(cfg, name)!r}")
-    for name, options in choices.items():
+    for name, options in (choices or {}).items():
         if getattr(cfg, name) not in options:
             raise ConfigError(f"{section}.{name} must be one of {', '.join(options)}; not {getattr(cfg, name)!r}")
 

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from realm_lm.config import RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.build import build_index, embeds_with
-from realm_lm.index.versioned import IndexMismatchError, latest_version, load_index, read_manifest
+from realm_lm.index.build import build_index, embeds_with, index_is_current
+from realm_lm.index.versioned import IndexMismatchError, load_index
 from realm_lm.models.embedder import Embedder, Retriever, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.runtime import autocast, resolve_device
@@ -144,8 +144,7 @@ def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -
         store = store or CorpusStore(cfg.corpus.store)
         retriever = build_retriever(cfg.embedder)
         # a trained retriever's own index: built on first use, and again once training has moved its weights on
-        if cfg.embedder.checkpoint and (latest_version(cfg.index.dir) is None or not embeds_with(
-                read_manifest(cfg.index.dir), cfg, retriever.doc, store)):
+        if cfg.embedder.checkpoint and not index_is_current(cfg, retriever.doc, store):
             build_index(cfg, store=store, doc_embedder=retriever.doc.to(resolve_device(cfg.runtime)))
         return DenseSearcher(cfg, store, retriever)
     if kind == "minilm-mean":

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.backends import make_index
-from realm_lm.index.versioned import block_ids_hash, find_embeddings, publish
+from realm_lm.index.versioned import block_ids_hash, find_embeddings, latest_version, publish, read_manifest
 from realm_lm.models.embedder import Embedder, build_retriever, weights_hash
 from realm_lm.runtime import autocast, resolve_device
 
@@ -63,6 +63,13 @@ def embeds_with(manifest: dict, cfg: RunConfig, doc_embedder: Embedder, store: C
     """Whether an index version (its manifest) holds ``store`` embedded by these document-tower weights and pooling:
     its vectors are the ones this tower would compute now."""
     return manifest.get("embedding_key") == embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
+
+
+def index_is_current(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> bool:
+    """Whether ``cfg.index.dir`` has a latest version and it :func:`embeds_with` this tower (the test for a run's own
+    index, rebuilt when not: a version merely existing says nothing once training has moved the weights on)."""
+    return latest_version(cfg.index.dir) is not None and embeds_with(read_manifest(cfg.index.dir), cfg, doc_embedder,
+                                                                     store)
 
 
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,

@@ -21,8 +21,8 @@ from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.questions import Question, load_questions, read_qa_file
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.build import build_index
-from realm_lm.index.versioned import latest_version, load_index
+from realm_lm.index.build import build_index, index_is_current
+from realm_lm.index.versioned import load_index
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
 from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
@@ -127,8 +127,9 @@ class FinetuneRecipe:
             truncate_metrics_log(self.run_dir, self.step)
 
     def setup_retriever(self, init_keys: set[str], progress: bool) -> Retriever:
-        """Separate towers: the query tower trains, the document tower stays the one that made the index. The
-        starting run's index of this corpus (built on first use) is republished in this run's folder."""
+        """Separate towers: the query tower trains, the document tower stays the one that made the index. The index
+        lives in this run's folder, built unless it already holds this tower's embeddings (taken from the starting
+        run's index where that one holds them)."""
         cfg, f = self.cfg, self.cfg.finetune
         has_retriever = any(k.startswith("retriever.") for k in init_keys)
         base = trained_config(cfg, f.init_from) if has_retriever else cfg
@@ -142,9 +143,7 @@ class FinetuneRecipe:
                 p.requires_grad_(False)
         own = trained_config(replace(cfg, embedder=self.run_config().embedder), self.run_dir)
         if distributed.is_main():  # one rank builds, every rank reads
-            if latest_version(base.index.dir) is None:
-                build_index(base, store=self.store, progress=progress)
-            if latest_version(own.index.dir) is None:
+            if not index_is_current(own, doc, self.store):  # a run folder written before holds the old weights' index
                 build_index(own, doc_embedder=doc, store=self.store, progress=progress, reuse_from=(base.index.dir,))
         distributed.barrier()
         self.index, manifest = load_index(own.index.dir, self.store, cfg=own.index)
