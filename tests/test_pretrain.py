@@ -104,6 +104,24 @@ def test_three_steps_refresh_and_resume_reproduce_the_losses(tmp_path):
     assert logged == [1, 2, 3]
 
 
+def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weights(tmp_path):
+    """The folder still holds the old run's index versions (embedded at its step 2). A fresh run must not retrieve
+    from them until its first refresh: it builds its own first index, as it would in an empty folder."""
+    from realm_lm.models.embedder import weights_hash
+
+    old = recipe_for(tmp_path)
+    old.setup()
+    old.train()
+    old.close()
+    fresh = PretrainRecipe(old.cfg)
+    fresh.setup()
+    try:
+        assert fresh.refresher.manifest["embedder_step"] == 0 and fresh.refresher.staleness(0) == 0
+        assert fresh.refresher.manifest["embedder_weights_sha256"] == weights_hash(fresh.model.retriever.doc)
+    finally:
+        fresh.close()
+
+
 def test_loss_goes_down_on_average(tmp_path):
     recipe = recipe_for(tmp_path, "pretrain.steps=24", "refresh.mode=never", "pretrain.lr=3e-3",
                         "pretrain.save_every=100")

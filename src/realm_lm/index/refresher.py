@@ -26,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from realm_lm.config import RunConfig, config_from_dict, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.backends import Index
+from realm_lm.index.build import index_is_current
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
@@ -82,8 +83,11 @@ class IndexRefresher:
         return step - int(self.manifest.get("embedder_step") or 0)
 
     def start(self, doc: Embedder, step: int) -> None:
-        """Load the newest published version, or build the first one now (the trainer waits for this one)."""
-        if latest_version(self.cfg.index.dir) is None:
+        """Load the newest published version, or build the first one now (the trainer waits for this one). A fresh
+        run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
+        weights. A resumed run takes the newest version, as the run it continues did."""
+        if latest_version(self.cfg.index.dir) is None or (step == 0 and not index_is_current(self.cfg, doc,
+                                                                                              self.store)):
             t0 = time.perf_counter()
             self._launch(doc, step)
             self._wait()
