@@ -104,9 +104,10 @@ def test_three_steps_refresh_and_resume_reproduce_the_losses(tmp_path):
     assert logged == [1, 2, 3]
 
 
-def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weights(tmp_path):
+def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weights(tmp_path, monkeypatch):
     """The folder still holds the old run's index versions (embedded at its step 2). A fresh run must not retrieve
-    from them until its first refresh: it builds its own first index, as it would in an empty folder."""
+    from them until its first refresh: it builds its own first index, as it would in an empty folder, and if that
+    build fails it stops rather than fall back on the old run's."""
     from realm_lm.models.embedder import weights_hash
 
     old = recipe_for(tmp_path)
@@ -118,8 +119,12 @@ def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weight
     try:
         assert fresh.refresher.manifest["embedder_step"] == 0 and fresh.refresher.staleness(0) == 0
         assert fresh.refresher.manifest["embedder_weights_sha256"] == weights_hash(fresh.model.retriever.doc)
+        fresh.train()  # the newest version is again one of later weights
     finally:
         fresh.close()
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # every builder exits 1
+    with pytest.raises(IndexBuilderError, match="first index"):
+        PretrainRecipe(old.cfg).setup()
 
 
 def test_loss_goes_down_on_average(tmp_path):

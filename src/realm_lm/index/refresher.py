@@ -92,7 +92,7 @@ class IndexRefresher:
             self._launch(doc, step)
             self._wait()
             self.stats.initial_build_s += time.perf_counter() - t0
-            if latest_version(self.cfg.index.dir) is None:
+            if not index_is_current(self.cfg, doc, self.store):  # nothing published, or only an earlier run's
                 raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
