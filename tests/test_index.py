@@ -118,3 +118,50 @@ def test_index_over_another_corpus_is_refused(built, tmp_path):
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(IndexNotFoundError, match="realm index build"):
         load_index(tmp_path / "nothing")
+
+
+def test_two_builders_publishing_into_one_folder_take_different_versions(tmp_path):
+    """Two processes embedding one run's index at once (`realm ask` and `realm eval qa` on a run trained further):
+    each publishes a whole version of its own; neither deletes the other's half-written one."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=60)
+
+    class SlowIndex:  # holds each builder mid-write until both are
+        def save(self, folder):
+            barrier.wait()
+            (folder / "faiss.index").write_bytes(b"index")
+
+    names, errors = [], []
+
+    def builder():
+        try:
+            names.append(publish(tmp_path / "idx", np.zeros((3, 4), np.float32), SlowIndex(), {"n_rows": 3}))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=builder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and sorted(names) == ["v000001", "v000002"]
+    for name in names:
+        assert read_manifest(tmp_path / "idx", name)["version"] == name
+        assert {p.name for p in (tmp_path / "idx" / "versions" / name).iterdir()} == {"embeddings.npy", "faiss.index",
+                                                                                       "manifest.json"}
+    assert latest_version(tmp_path / "idx") in names
+    assert sorted(p.name for p in (tmp_path / "idx" / "versions").iterdir()) == ["v000001", "v000002"]
+
+    # what a builder killed mid-write left is cleared by the next publish; a live builder's files are not
+    import os
+    versions = tmp_path / "idx" / "versions"
+    dead, live = versions / "..unpublished-999999999-1.staging-999999999-2", versions / f".unpublished-{os.getpid()}-3"
+    dead.mkdir(), live.mkdir()
+    barrier.reset()
+    threads = [threading.Thread(target=builder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not dead.exists() and live.exists()

@@ -12,14 +12,17 @@ Loading checks the id map against the corpus store the caller will resolve ids w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -27,6 +30,8 @@ from realm_lm.artifacts import staged_dir
 from realm_lm.config import IndexConfig
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.backends import Index, make_index
+
+UNPUBLISHED = ".unpublished"  # a version being written, named by its builder's pid (see publish)
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -60,24 +65,63 @@ def latest_version(index_dir: str | Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _clear_abandoned(versions: Path) -> None:
+    """Delete what builders killed mid-write left (their process is gone); a live builder's files stay."""
+    for path in versions.glob(f"*{UNPUBLISHED}-*"):
+        pid = path.name.split(f"{UNPUBLISHED}-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(index_dir: Path) -> Iterator[None]:
+    """Exclusive among every process that publishes into ``index_dir`` (released if the holder dies)."""
+    with open(index_dir / ".publish.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifest: dict[str, Any],
             keep: int = 3) -> str:
-    """Write a new version (staging folder, then rename), then point LATEST at it. Returns its name."""
+    """Write a new version and point LATEST at it; returns its name. The files are written under a name of the
+    builder's own, so that builders publishing into one folder at once (two commands re-embedding one run's index)
+    never touch each other's; the version number and LATEST are then taken under a lock on the folder."""
     index_dir = Path(index_dir)
-    existing = _versions(index_dir)
-    name = f"v{int(existing[-1][1:]) + 1 if existing else 1:06d}"
-    final = index_dir / "versions" / name
-    with staged_dir(final) as staging:
+    versions = index_dir / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    _clear_abandoned(versions)
+    unpublished = versions / f"{UNPUBLISHED}-{os.getpid()}-{time.time_ns()}"
+    with staged_dir(unpublished) as staging:
         np.save(staging / "embeddings.npy", embeddings)
         index.save(staging)
-        manifest = {**manifest, "version": name,
-                    "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        manifest = {**manifest, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp = index_dir / f".LATEST.tmp-{os.getpid()}"
-    tmp.write_text(name)
-    os.replace(tmp, index_dir / "LATEST")
-    for old in _versions(index_dir)[:-keep]:  # readers hold open files, so deleting an old folder is safe
-        shutil.rmtree(index_dir / "versions" / old, ignore_errors=True)
+    try:
+        with _folder_lock(index_dir):
+            existing = _versions(index_dir)
+            name = f"v{int(existing[-1][1:]) + 1 if existing else 1:06d}"
+            os.rename(unpublished, versions / name)
+            tmp = index_dir / f".LATEST.tmp-{os.getpid()}"
+            tmp.write_text(name)
+            os.replace(tmp, index_dir / "LATEST")
+            for old in _versions(index_dir)[:-keep]:  # readers hold open files, so deleting an old folder is safe
+                shutil.rmtree(versions / old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(unpublished, ignore_errors=True)
+        raise
     return name
 
 
@@ -88,9 +132,10 @@ def read_manifest(index_dir: str | Path, version: str | None = None) -> dict[str
     if version is None or not path.is_file():
         raise IndexNotFoundError(f"no index at {index_dir} (run `realm index build` first)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise _corrupt(index_dir, version, err) from err
+    return {**manifest, "version": version}  # the folder's name: taken when it was published
 
 
 def check_against(manifest: dict[str, Any], store: CorpusStore) -> None:
