@@ -65,6 +65,7 @@ class IndexRefresher:
         self.cfg = replace(cfg, index=replace(cfg.index, dir=str(self.run_dir / "index")))
         self.store = store
         # with several ranks only one launches builders; the others just swap in what it publishes
+        self.launches = launches
         self.schedule = RefreshSchedule(cfg.refresh.every, cfg.refresh.mode if launches else "never")
         self.stats = RefreshStats()
         self.builder: subprocess.Popen | None = None
@@ -85,9 +86,10 @@ class IndexRefresher:
     def start(self, doc: Embedder, step: int) -> None:
         """Load the newest published version, or build the first one now (the trainer waits for this one). A fresh
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
-        weights. A resumed run takes the newest version, as the run it continues did."""
-        if latest_version(self.cfg.index.dir) is None or (step == 0 and not index_is_current(self.cfg, doc,
-                                                                                              self.store)):
+        weights. A resumed run takes the newest version, as the run it continues did. A rank that launches no
+        builders takes what the one that does published before the barrier."""
+        if self.launches and (latest_version(self.cfg.index.dir) is None or
+                              (step == 0 and not index_is_current(self.cfg, doc, self.store))):
             t0 = time.perf_counter()
             self._launch(doc, step)
             self._wait()
