@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from realm_lm.config import RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.build import build_index, embeds_with, index_is_current
+from realm_lm.index.build import build_index, index_is_current, tower_key
 from realm_lm.index.versioned import IndexMismatchError, load_index
 from realm_lm.models.embedder import Embedder, Retriever, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
@@ -84,12 +84,15 @@ def embed_questions(embedder: Embedder, questions: Sequence[str], model_dir: Pat
 class DenseSearcher:
     """Query tower + a published index version over ``store``."""
 
-    def __init__(self, cfg: RunConfig, store: CorpusStore | None = None, retriever: Retriever | None = None):
+    def __init__(self, cfg: RunConfig, store: CorpusStore | None = None, retriever: Retriever | None = None,
+                 key: str | None = None):
+        """``retriever`` and its :func:`tower_key`, when the caller has them already."""
         self.cfg = cfg
         self.store = store or CorpusStore(cfg.corpus.store)
         self.index, self.manifest = load_index(cfg.index.dir, self.store, cfg=cfg.index)
         retriever = retriever or build_retriever(cfg.embedder)
-        if not embeds_with(self.manifest, cfg, retriever.doc, self.store):  # queries and blocks from other towers
+        key = key or tower_key(cfg, retriever.doc, self.store)
+        if self.manifest.get("embedding_key") != key:  # queries and blocks from other towers
             raise IndexMismatchError(
                 f"index {cfg.index.dir} version {self.manifest['version']} was embedded by other document-tower "
                 f"weights or pooling than embedder.* give ({cfg.embedder.checkpoint or 'as initialised'}); rebuild it "
@@ -143,10 +146,11 @@ def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -
     if kind == "realm":
         store = store or CorpusStore(cfg.corpus.store)
         retriever = build_retriever(cfg.embedder)
+        key = tower_key(cfg, retriever.doc, store)
         # a trained retriever's own index: built on first use, and again once training has moved its weights on
-        if cfg.embedder.checkpoint and not index_is_current(cfg, retriever.doc, store):
+        if cfg.embedder.checkpoint and not index_is_current(cfg.index.dir, key):
             build_index(cfg, store=store, doc_embedder=retriever.doc.to(resolve_device(cfg.runtime)))
-        return DenseSearcher(cfg, store, retriever)
+        return DenseSearcher(cfg, store, retriever, key)
     if kind == "minilm-mean":
         return DenseSearcher(minilm_mean_config(cfg), store)
     if kind == "bm25":

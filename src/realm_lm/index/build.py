@@ -59,17 +59,15 @@ def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> st
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def embeds_with(manifest: dict, cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> bool:
-    """Whether an index version (its manifest) holds ``store`` embedded by these document-tower weights and pooling:
-    its vectors are the ones this tower would compute now."""
-    return manifest.get("embedding_key") == embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
+def tower_key(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> str:
+    """The :func:`embedding_key` of ``store`` embedded by this document tower now (hashes its weights: ~0.1 s)."""
+    return embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
 
 
-def index_is_current(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> bool:
-    """Whether ``cfg.index.dir`` has a latest version and it :func:`embeds_with` this tower (the test for a run's own
-    index, rebuilt when not: a version merely existing says nothing once training has moved the weights on)."""
-    return latest_version(cfg.index.dir) is not None and embeds_with(read_manifest(cfg.index.dir), cfg, doc_embedder,
-                                                                     store)
+def index_is_current(index_dir: str | Path, key: str) -> bool:
+    """Whether ``index_dir``'s latest version holds the embeddings of ``key`` (:func:`tower_key`). The test for a
+    run's own index, rebuilt when not: a version merely existing says nothing once training has moved the weights on."""
+    return latest_version(index_dir) is not None and read_manifest(index_dir).get("embedding_key") == key
 
 
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,

@@ -26,7 +26,7 @@ from safetensors.torch import load_model, save_model
 from realm_lm.config import RunConfig, config_from_dict, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.backends import Index
-from realm_lm.index.build import index_is_current
+from realm_lm.index.build import index_is_current, tower_key
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
@@ -88,14 +88,15 @@ class IndexRefresher:
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
         weights. A resumed run takes the newest version, as the run it continues did. A rank that launches no
         builders takes what the one that does published before the barrier."""
-        if self.launches and (latest_version(self.cfg.index.dir) is None or
-                              (step == 0 and not index_is_current(self.cfg, doc, self.store))):
-            t0 = time.perf_counter()
-            self._launch(doc, step)
-            self._wait()
-            self.stats.initial_build_s += time.perf_counter() - t0
-            if not index_is_current(self.cfg, doc, self.store):  # nothing published, or only an earlier run's
-                raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
+        if self.launches and (step == 0 or latest_version(self.cfg.index.dir) is None):
+            key = tower_key(self.cfg, doc, self.store)
+            if not index_is_current(self.cfg.index.dir, key):
+                t0 = time.perf_counter()
+                self._launch(doc, step)
+                self._wait()
+                self.stats.initial_build_s += time.perf_counter() - t0
+                if not index_is_current(self.cfg.index.dir, key):  # nothing published, or only an earlier run's
+                    raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
         self.schedule.last_started = step if built_at is None else int(built_at)

@@ -21,7 +21,7 @@ from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.questions import Question, load_questions, read_qa_file
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.build import build_index, index_is_current
+from realm_lm.index.build import build_index, index_is_current, tower_key
 from realm_lm.index.versioned import load_index
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
 from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
@@ -143,7 +143,7 @@ class FinetuneRecipe:
                 p.requires_grad_(False)
         own = trained_config(replace(cfg, embedder=self.run_config().embedder), self.run_dir)
         if distributed.is_main():  # one rank builds, every rank reads
-            if not index_is_current(own, doc, self.store):  # a run folder written before holds the old weights' index
+            if not index_is_current(own.index.dir, tower_key(own, doc, self.store)):  # a run folder written before holds the old weights' index
                 build_index(own, doc_embedder=doc, store=self.store, progress=progress, reuse_from=(base.index.dir,))
         distributed.barrier()
         self.index, manifest = load_index(own.index.dir, self.store, cfg=own.index)
