@@ -387,6 +387,17 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
     assert realm("ask", "Who found Zorvath?", "--from", run, "--corpus", str(tmp_path / "other"), "-k", "1") == 0
     out = capsys.readouterr().out
     assert "[Zorvath]" in out
+    # without --corpus the run answers from the corpus it was fine-tuned on, whatever corpus the preset names
+    preset = tmp_path / "other.toml"
+    preset.write_text((ROOT / "configs" / "tiny.toml").read_text().replace(
+        'store = "artifacts/tiny/corpus"', f'store = "{tmp_path / "other"}"'))
+    sets = [x for o in tiny_overrides(tmp_path) if not o.startswith("corpus.store=") for x in ("--set", o)]
+    assert main(["ask", "Who built Aldermoor?", "--from", run, "-k", "1", "--config", str(preset), *sets]) == 0
+    out = capsys.readouterr().out
+    assert "[Zorvath]" not in out and "Aldermoor" in out.split("Q: ", 1)[1].split("\n", 2)[1]
+    assert main(["eval", "qa", "--from", run, "--questions", str(FIXTURES / "tiny_qa.jsonl"), "--config", str(preset),
+                 *sets]) == 0
+    assert json.loads((tmp_path / "finetune" / "metrics-tiny_qa.json").read_text())["corpus"] == str(tmp_path / "corpus")
 
 
 def test_bad_input_and_damaged_artifacts_give_clear_errors(tmp_path, capsys):

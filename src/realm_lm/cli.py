@@ -43,6 +43,23 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _answering_config(args: argparse.Namespace) -> RunConfig:
+    """`ask`, `serve`, `eval qa`: a fine-tuned run answers from the corpus it was fine-tuned on (its index is of that
+    corpus) unless ``--corpus`` or ``--set corpus.store=`` names another; a preset's corpus is not such a choice."""
+    from realm_lm.config import run_config
+
+    from realm_lm.corpus.store import CorpusStoreError
+
+    cfg = _config(args)
+    if args.corpus or any(o.split("=", 1)[0].strip() == "corpus.store" for o in args.set or ()):
+        return cfg
+    corpus = run_config(args.from_run).corpus
+    if not (Path(corpus.store) / "manifest.json").is_file():
+        raise CorpusStoreError(f"no corpus store at {corpus.store}, the corpus {args.from_run} was fine-tuned on (a "
+                               "path relative to where it was trained); name one with --corpus STORE")
+    return replace(cfg, corpus=corpus)
+
+
 def cmd_data_fetch(args: argparse.Namespace) -> None:
     from realm_lm.corpus.fetch import fetch_data
     cfg = _config(args)
@@ -164,7 +181,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     from realm_lm.eval.qa import evaluate_qa
     from realm_lm.runtime import resolve_precision
 
-    cfg = _config(args)
+    cfg = _answering_config(args)
     answerer = Answerer.from_run(cfg, args.from_run)
     questions = _questions(cfg, args)
     name = Path(args.questions).stem if args.questions else args.split
@@ -189,7 +206,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from realm_lm.answer import Answerer
     from realm_lm.report import print_answers
 
-    cfg = _config(args)
+    cfg = _answering_config(args)
     answerer = Answerer.from_run(cfg, args.from_run)
     for response in answerer.answer(args.question, k=args.k, top_n=args.n):
         print_answers(response)
@@ -201,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from realm_lm.answer import Answerer
     from realm_lm.serve.app import create_app
 
-    cfg = _config(args)
+    cfg = _answering_config(args)
     answerer = Answerer.from_run(cfg, args.from_run)
     app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store})
     print(f"answering from {args.from_run} at http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs",
@@ -242,6 +259,9 @@ def _corpus(p: argparse.ArgumentParser) -> None:
 
 def _from_finetuned(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", required=True, help="a `realm finetune` run")
+    p.add_argument("--corpus", metavar="STORE", help="another corpus store (`realm corpus build`): same model, its "
+                                                      "own index (a re-embedding, no retraining); default: the corpus "
+                                                      "the run was fine-tuned on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="predictions JSONL (default RUN_DIR/predictions-<split>.jsonl)")
     p.add_argument("--json", help="metrics JSON (default: metrics-<split>.json beside the predictions)")
     _from_finetuned(p)
-    _corpus(p)
     p.set_defaults(func=cmd_eval_qa)
 
     p = verbs.add_parser("ict", help="Inverse Cloze Task warm start of the retriever")
@@ -321,14 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks read per question (default reader.top_k)")
     p.add_argument("-n", type=int_in(1, MAX_ANSWERS), default=3, help="answers shown per question")
     _from_finetuned(p)
-    _corpus(p)
     p.set_defaults(func=cmd_ask)
     p = verbs.add_parser("serve", help="answer questions with a fine-tuned run over HTTP (POST /ask, GET /health)")
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_in(0, 65535), default=8000)
     _from_finetuned(p)
-    _corpus(p)
     p.set_defaults(func=cmd_serve)
     p = verbs.add_parser("plot", help="PNG of a run's metrics (loss, accuracy, retrieval utility, staleness)")
     p.add_argument("run_dir")
