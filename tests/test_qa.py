@@ -1,6 +1,7 @@
 """Open-domain QA: spans stay in the block, gold spans, losses against loops, answer matching, fine-tune + eval +
 ask end to end on the tiny corpus, corpus swap, and bad input."""
 
+import io
 import json
 import math
 
@@ -333,7 +334,7 @@ def test_finetune_resume_reproduces_the_losses(tmp_path):
     assert resumed[-2:] == pytest.approx(full[-2:], abs=1e-5)
 
 
-def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
+def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     from realm_lm.cli import main
 
     def realm(*argv, extra=()):
@@ -377,6 +378,12 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys):
     assert "Q: Who built Aldermoor?" in out and "p=" in out and ">>" in out
     assert realm("ask", "Who built Aldermoor?", "--from", run, extra=["reader.int8=true"]) == 0  # int8 reader
     assert "p=" in capsys.readouterr().out
+    # no question given: one a line from stdin; a bad line is reported with its number, the others answered
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who built Aldermoor?\n\n" + "x" * 5000 + "\nWhere is Vessa?\n"))
+    assert realm("ask", "--from", run, "-n", "1") == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("Q: ") == 2 and "Q: Where is Vessa?" in captured.out
+    assert "line 3: the question has 5000 characters" in captured.err and "1 question(s) refused" in captured.err
 
     # corpus swap: a new store, the same model, its own index; nothing retrained
     other = tmp_path / "other.jsonl"

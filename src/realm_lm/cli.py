@@ -208,8 +208,44 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
     cfg = _answering_config(args)
     answerer = Answerer.from_run(cfg, args.from_run)
-    for response in answerer.answer(args.question, k=args.k, top_n=args.n):
+    if args.question:
+        for response in answerer.answer(args.question, k=args.k, top_n=args.n):
+            print_answers(response)
+        return
+    # no question given: one per line from stdin, answered as it comes, so the model loads once for many
+    from realm_lm.retrieval import BadQuestionError
+
+    if sys.stdin.isatty():
+        print("one question a line; an empty line or Ctrl-D ends", file=sys.stderr)
+    refused = []
+    for number, line in enumerate(_stdin_lines(sys.stdin.isatty()), 1):
+        if not line.strip():
+            if sys.stdin.isatty():
+                break
+            continue
+        try:
+            [response] = answerer.answer([line.strip()], k=args.k, top_n=args.n)
+        except BadQuestionError as err:
+            print(f"error: line {number}: {err}", file=sys.stderr)
+            refused.append(number)
+            continue
         print_answers(response)
+        sys.stdout.flush()
+    if refused:
+        raise BadQuestionError(f"{len(refused)} question(s) refused, on line(s) {', '.join(map(str, refused[:20]))}")
+
+
+def _stdin_lines(prompt: bool):
+    """Lines of stdin without their newline; with a prompt (and line editing) when a person types them."""
+    if not prompt:
+        yield from (line.rstrip("\n") for line in sys.stdin)
+        return
+    while True:
+        try:
+            yield input("question> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -335,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
     p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")
     _common(p)
-    p.add_argument("question", nargs="+")
+    p.add_argument("question", nargs="*", help="none: read questions from stdin, one a line")
     p.add_argument("-k", type=int_in(1, MAX_BLOCKS_READ), default=None,
                    help="blocks read per question (default reader.top_k)")
     p.add_argument("-n", type=int_in(1, MAX_ANSWERS), default=3, help="answers shown per question")
