@@ -44,7 +44,7 @@ def main() -> None:
     rows = []
     for run in args.runs:
         t0 = time.perf_counter()
-        answerer = Answerer.from_run(cfg, run, store)
+        answerer = Answerer.from_run(run, cfg, store)
         key = Path(run).parent.name + "/" + Path(run).name
         dev_em = {}
         for k in ks:

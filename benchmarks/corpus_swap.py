@@ -43,7 +43,7 @@ def main() -> None:
     weights_before = sha256_file(weights)
     figures: dict = {"run": args.run, "questions": len(questions)}
 
-    before = evaluate_qa(Answerer.from_run(cfg, args.run), questions, Path(args.run) / "predictions-swap-before.jsonl",
+    before = evaluate_qa(Answerer.from_run(args.run, cfg), questions, Path(args.run) / "predictions-swap-before.jsonl",
                          progress=False)
     swapped = replace(cfg, corpus=replace(cfg.corpus, inputs=(*cfg.corpus.inputs, args.entries), store=args.store))
     t0 = time.perf_counter()
@@ -52,7 +52,7 @@ def main() -> None:
     t0 = time.perf_counter()
     build_index(trained_config(swapped, args.run))  # the run's own document tower, the new corpus
     figures["index_build_s"] = round(time.perf_counter() - t0, 1)
-    answerer = Answerer.from_run(swapped, args.run)
+    answerer = Answerer.from_run(args.run, swapped)
     after = evaluate_qa(answerer, questions, Path(args.run) / "predictions-swap-after.jsonl", progress=False)
     figures["weights_unchanged"] = sha256_file(weights) == weights_before
     figures["blocks_before"] = len(CorpusStore(cfg.corpus.store))

@@ -94,16 +94,16 @@ def run_variant(cfg, key: str, runs: str, splits: dict, store: CorpusStore, reus
     figures["train_answer_in_top5"] = round(sum(h["answer_in_topk"] for h in history) / len(history), 4)
     figures["loss_first10"] = round(sum(h["loss"] for h in history[:10]) / 10, 3)
     figures["loss_last10"] = round(sum(h["loss"] for h in history[-10:]) / 10, 3)
-    answerer = Answerer.from_run(cfg, run_dir, store)
+    answerer = Answerer.from_run(run_dir, cfg, store)
     for split, questions in splits.items():
         result = evaluate_qa(answerer, questions, run_dir / f"predictions-{split}.jsonl")
         figures |= {f"{split}.{k}": v for k, v in result.items()}
     if int8:  # the same run answering with its reader in dynamic int8: the effect on exact match
-        answerer = Answerer.from_run(replace(cfg, reader=replace(cfg.reader, int8=True)), run_dir, store)
+        answerer = Answerer.from_run(run_dir, replace(cfg, reader=replace(cfg.reader, int8=True)), store)
         result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-int8.jsonl")
         figures |= {f"test_int8.{k}": v for k, v in result.items()}
     if fp32_check and figures["precision"] != "fp32":  # the same run answering in fp32: what bf16 answering costs
-        answerer = Answerer.from_run(replace(cfg, runtime=replace(cfg.runtime, precision="fp32")), run_dir, store)
+        answerer = Answerer.from_run(run_dir, replace(cfg, runtime=replace(cfg.runtime, precision="fp32")), store)
         result = evaluate_qa(answerer, splits["test"], run_dir / "predictions-test-fp32.jsonl")
         figures |= {f"test_fp32.{k}": v for k, v in result.items()}
     done.write_text(json.dumps(figures, indent=1))

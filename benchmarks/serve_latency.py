@@ -85,7 +85,7 @@ def main() -> None:
         server.wait(timeout=60)
 
     setup_runtime(cfg)
-    answerer = Answerer.from_run(cfg, args.run)
+    answerer = Answerer.from_run(args.run, cfg)
     local = []
     for i, question in enumerate(questions):
         t = time.perf_counter()

@@ -365,7 +365,7 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     assert metrics["predictions"].endswith("predictions-tiny_qa.jsonl") and metrics["precision"] in ("fp32", "bf16")
     # the learned scale is what answering uses: p(block) = softmax(scale * q.d), the hits keep the raw q.d
     cfg = finetune_cfg(tmp_path)
-    answerer = Answerer.from_run(cfg, run)
+    answerer = Answerer.from_run(run, cfg)
     saved = load_file(str(latest_checkpoint(run) / "model.safetensors"))["retrieval_scale.log_scale"]
     assert answerer.retrieval_scale == pytest.approx(float(saved.exp())) != cfg.finetune.retrieval_scale
     response = answerer.answer(["Who built Aldermoor?"])[0]
@@ -373,6 +373,10 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     p_block = (raw * answerer.retrieval_scale).softmax(-1)  # [k]
     best = response.answers[0]
     assert best.retrieval_probability == pytest.approx(float(p_block[best.block_rank - 1]), rel=1e-4)
+    # from Python with the run folder alone: the run's own config, corpus and settings
+    own = Answerer.from_run(run)
+    assert own.store.folder == tmp_path / "corpus" and own.top_k == cfg.reader.top_k
+    assert own.answer(["Who built Aldermoor?"], top_n=1)[0].answers[0].text == response.answers[0].text
     assert realm("ask", "Who built Aldermoor?", "--from", run, "-n", "2") == 0
     out = capsys.readouterr().out
     assert "Q: Who built Aldermoor?" in out and "p=" in out and ">>" in out
@@ -463,7 +467,7 @@ def test_answerer_rejects_runs_without_a_reader(tmp_path):
     from realm_lm.train.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="no reader"):
-        Answerer.from_run(cfg, cfg.ict.run_dir)
+        Answerer.from_run(cfg.ict.run_dir, cfg)
     with pytest.raises(BadQuestionError):
         from realm_lm.retrieval import check_question
 

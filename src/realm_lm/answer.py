@@ -121,10 +121,13 @@ class Answerer:
         self.offsets = BlockOffsets(self.store, tok, self.special)
 
     @classmethod
-    def from_run(cls, cfg: RunConfig, run_dir: str | Path, store: CorpusStore | None = None) -> "Answerer":
+    def from_run(cls, run_dir: str | Path, cfg: RunConfig | None = None,
+                 store: CorpusStore | None = None) -> "Answerer":
         """A fine-tuned run's retriever (its index of ``cfg.corpus.store``, built on first use) and reader;
-        top-k and batching from ``cfg.reader``, everything the weights depend on from the run's own config."""
+        top-k, batching and runtime from ``cfg`` (default: the run's own config, so its corpus too), everything
+        the weights depend on from the run's own config."""
         reader, scale, run_cfg = load_reader(run_dir)
+        cfg = cfg or run_cfg
         store = store or CorpusStore(cfg.corpus.store)
         kind = run_cfg.finetune.retriever
         searcher = make_searcher(trained_config(cfg, run_dir) if kind == "realm" else cfg, kind, store)

@@ -182,7 +182,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     from realm_lm.runtime import resolve_precision
 
     cfg = _answering_config(args)
-    answerer = Answerer.from_run(cfg, args.from_run)
+    answerer = Answerer.from_run(args.from_run, cfg)
     questions = _questions(cfg, args)
     name = Path(args.questions).stem if args.questions else args.split
     out = Path(args.predictions or Path(args.from_run) / f"predictions-{name}.jsonl")
@@ -207,7 +207,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from realm_lm.report import print_answers
 
     cfg = _answering_config(args)
-    answerer = Answerer.from_run(cfg, args.from_run)
+    answerer = Answerer.from_run(args.from_run, cfg)
     if args.question:
         for response in answerer.answer(args.question, k=args.k, top_n=args.n):
             print_answers(response)
@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from realm_lm.serve.app import create_app
 
     cfg = _answering_config(args)
-    answerer = Answerer.from_run(cfg, args.from_run)
+    answerer = Answerer.from_run(args.from_run, cfg)
     app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store})
     print(f"answering from {args.from_run} at http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs",
           flush=True)

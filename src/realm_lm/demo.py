@@ -117,7 +117,7 @@ def run_qa_stage(cfg: RunConfig, store: CorpusStore, timed) -> dict[str, float]:
 
     dev = load_questions(cfg.eval.squad, "dev")[::10][:QA_EVAL_QUESTIONS]
     stage(f"9. QA evaluation on {len(dev)} dev questions")
-    answerer = Answerer.from_run(cfg, f.run_dir, store)
+    answerer = Answerer.from_run(f.run_dir, cfg, store)
     predictions = Path(f.run_dir) / "predictions-dev.jsonl"
     result = timed("qa_eval", evaluate_qa, answerer, dev, predictions)
     print(markdown_table(["questions", "EM", "F1", f"recall@{cfg.reader.top_k}", "questions/s"],

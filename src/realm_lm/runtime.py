@@ -1,4 +1,4 @@
-"""Process-wide settings made once at start-up (thread count, quiet library logging) and where the tensors live:
+"""Process-wide settings made once at start-up (thread count) and where the tensors live:
 the device and the numeric precision of the models' forward passes."""
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ def setup_runtime(cfg: RunConfig, announce: bool = False) -> None:
         print(f"runtime: {device}, {resolve_precision(device, cfg.runtime.precision)} "
               f"(precision = {cfg.runtime.precision}{silicon}), {torch.get_num_threads()} threads", file=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork index builders; keep tokenizers quiet
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # "weights not used: pooler.*" is expected: REALM projects [CLS] itself
 
 
 def default_threads() -> int:

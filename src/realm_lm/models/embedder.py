@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 from realm_lm.config import POOLINGS, EmbedderConfig
 from realm_lm.models.cpu_dropout import install_cpu_dropout
@@ -22,7 +23,12 @@ from realm_lm.models.pretrained import resolve_model_dir
 
 def load_bert(model_dir: str | Path) -> BertModel:
     """A local Hugging Face BERT checkpoint, without the pooler, with fused (SDPA) attention."""
-    return BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, attn_implementation="sdpa")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "weights not used: pooler.*" is expected: REALM pools and projects itself
+    try:
+        return BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, attn_implementation="sdpa")
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def configure_dropout(module: nn.Module, attention_p: float) -> None:
