@@ -21,7 +21,7 @@ def test_end_to_end(tmp_path, capsys):
     assert realm(tmp_path, "index", "build") == 0
     assert realm(tmp_path, "index", "build", "--set", "index.backend=faiss-hnsw") == 0
     out = capsys.readouterr().out
-    assert "v000001" in out and "v000002" in out and "embeddings reused" in out
+    assert "v000001" in out and "v000002" in out and "0 blocks embedded" in out and "36 reused" in out
     assert realm(tmp_path, "retrieve", "who built the tower", "-k", "3") == 0
     out = capsys.readouterr().out
     assert out.count("  [") == 3 and "Q: who built the tower" in out

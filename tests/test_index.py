@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,30 @@ def test_index_manifest_describes_itself_and_embeddings_are_reused(built):
     version = build_index(built, progress=False)  # same corpus, same weights: embeddings come from the cache
     m2 = read_manifest(built.index.dir, version)
     assert version == "v000002" and m2["embeddings_reused"] and m2["embedding_key"] == m1["embedding_key"]
+
+
+def test_a_corpus_with_a_new_document_embeds_only_its_blocks(built, tmp_path):
+    from dataclasses import replace
+
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"id": "n1", "title": "Zorvath", "text": "Zorvath is a moon of the planet Quel. It was found '
+                     'by the astronomer Pell Avi in 2091, and its seas are of frozen methane."}\n')
+    grown = replace(built, corpus=replace(built.corpus, inputs=(*built.corpus.inputs, str(extra)),
+                                          store=str(tmp_path / "grown")),
+                    index=replace(built.index, dir=str(tmp_path / "grown-index")))  # a sibling of the first index
+    build_corpus(grown)
+    old, new = CorpusStore(built.corpus.store), CorpusStore(grown.corpus.store)
+    added = [row for row, block in enumerate(new.block_ids) if block not in set(old.block_ids)]
+    assert 0 < len(added) < len(new) and new.corpus_hash != old.corpus_hash
+    m = read_manifest(grown.index.dir, build_index(grown, progress=False))
+    assert m["rows_embedded"] == len(added) and not m["embeddings_reused"]
+    assert m["reused_from"] == [str(Path(built.index.dir) / "versions" / "v000001")]
+    alone = replace(grown, index=replace(grown.index, dir=str(tmp_path / "alone" / "index")))  # nothing beside it
+    fresh = read_manifest(alone.index.dir, build_index(alone, progress=False))
+    assert fresh["rows_embedded"] == len(new)
+    reused = np.load(Path(grown.index.dir) / "versions" / m["version"] / "embeddings.npy")
+    embedded = np.load(Path(alone.index.dir) / "versions" / fresh["version"] / "embeddings.npy")
+    np.testing.assert_allclose(reused, embedded, atol=1e-5)  # [N, D]: the same index as embedding every block
 
 
 def test_index_over_another_corpus_is_refused(built, tmp_path):

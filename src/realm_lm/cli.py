@@ -89,8 +89,10 @@ def cmd_index_build(args: argparse.Namespace) -> None:
         cfg = minilm_mean_config(cfg)
     version = build_index(cfg)
     m = read_manifest(cfg.index.dir, version)
+    reused = m["n_rows"] - m["rows_embedded"]
     print(f"index {cfg.index.dir} version {version}: {m['n_rows']} x {m['dim']} ({m['backend']}), "
-          f"embedded in {m['embed_seconds']:.1f}s{' (embeddings reused: same corpus and weights)' if m['embeddings_reused'] else ''}, "
+          f"{m['rows_embedded']} blocks embedded in {m['embed_seconds']:.1f}s"
+          f"{f' ({reused} reused: the same blocks embedded by the same weights before)' if reused else ''}, "
           f"built in {m['index_build_seconds']:.1f}s")
 
 

@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from realm_lm.config import RunConfig, config_to_dict
-from realm_lm.corpus.store import CorpusStore
+from realm_lm.corpus.store import CorpusStore, CorpusStoreError
 from realm_lm.index.backends import make_index
-from realm_lm.index.versioned import block_ids_hash, find_embeddings, latest_version, publish, read_manifest
+from realm_lm.index.versioned import (block_ids_hash, find_embeddings, kept_versions, latest_version, publish,
+                                      read_manifest)
 from realm_lm.models.embedder import Embedder, build_retriever, weights_hash
 from realm_lm.runtime import autocast, resolve_device
 
@@ -36,20 +37,23 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]
 
 @torch.inference_mode()
 def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_tokens: int,
-               desc: str = "embedding blocks", progress: bool = True, pooled: bool = False) -> np.ndarray:
-    """Embeddings [N, D] float32 of token rows ``tokens`` [N, L] with true lengths ``lengths`` [N]; with ``pooled``,
-    the tower's pooled outputs before its projection, [N, H]."""
+               desc: str = "embedding blocks", progress: bool = True, pooled: bool = False,
+               rows: np.ndarray | None = None) -> np.ndarray:
+    """Embeddings [N, D] float32 of token rows ``tokens`` [N, L] with true lengths ``lengths`` [N] (only ``rows``,
+    ascending, when given: [len(rows), D]); with ``pooled``, the tower's pooled outputs before its projection."""
     embedder.eval()
     encode = embedder.pool if pooled else embedder
-    out = np.empty((len(lengths), embedder.hidden if pooled else embedder.dim), dtype=np.float32)
-    with tqdm(total=len(lengths), desc=desc, unit="block", disable=not progress, smoothing=0.05) as bar:
-        for rows in length_batches(lengths, max_tokens):
-            rows = np.sort(rows)  # ascending rows read the memory-mapped matrix in order
-            width = int(lengths[rows].max())
-            ids = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).long()  # [B, W]
-            mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[rows])[:, None]).long()  # [B, W]
-            out[rows] = encode(ids, mask).float().cpu().numpy()
-            bar.update(len(rows))
+    rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
+    out = np.empty((len(rows), embedder.hidden if pooled else embedder.dim), dtype=np.float32)
+    with tqdm(total=len(rows), desc=desc, unit="block", disable=not progress, smoothing=0.05) as bar:
+        for batch in length_batches(lengths[rows], max_tokens):
+            batch = np.sort(batch)  # ascending rows read the memory-mapped matrix in order
+            picked = rows[batch]
+            width = int(lengths[picked].max())
+            ids = torch.from_numpy(np.ascontiguousarray(tokens[picked, :width])).long()  # [B, W]
+            mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[picked])[:, None]).long()  # [B, W]
+            out[batch] = encode(ids, mask).float().cpu().numpy()
+            bar.update(len(batch))
     return out
 
 
@@ -62,6 +66,67 @@ def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> st
 def tower_key(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> str:
     """The :func:`embedding_key` of ``store`` embedded by this document tower now (hashes its weights: ~0.1 s)."""
     return embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
+
+
+def block_digests(store: CorpusStore) -> list[bytes]:
+    """A digest of each block's wordpieces: the tower's whole input, so equal digests mean equal embeddings."""
+    lengths = store.lengths
+    return [hashlib.blake2b(store.tokens[row, :lengths[row]].tobytes(), digest_size=16).digest()
+            for row in range(len(store))]
+
+
+def _tower_of(manifest: dict) -> tuple:
+    """What a version's embeddings depend on besides the blocks: the document tower's weights and pooling."""
+    embedder = manifest.get("config", {}).get("embedder", {})
+    return manifest.get("embedder_weights_sha256"), embedder.get("pooling"), embedder.get("proj_dim")
+
+
+def _donor_folders(index_dir: str | Path, reuse_from: tuple[str | Path, ...]) -> list[Path]:
+    """Index folders whose versions may hold blocks of this corpus: the folder itself, ``reuse_from``, and its sibling
+    folders (a run's indexes of other corpora, RUN/eval-index-*, sit side by side)."""
+    index_dir = Path(index_dir)
+    siblings = sorted(p for p in index_dir.parent.glob("*") if p != index_dir and (p / "versions").is_dir())
+    seen, folders = set(), []
+    for folder in (index_dir, *map(Path, reuse_from), *siblings):
+        if folder.resolve() not in seen:
+            seen.add(folder.resolve())
+            folders.append(folder)
+    return folders
+
+
+def reuse_identical_blocks(store: CorpusStore, tower: tuple, dim: int,
+                           folders: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Embeddings [N, D] of the blocks of ``store`` that a kept version of one of ``folders`` already holds, embedded
+    by the same tower from the same wordpieces (a corpus with documents added or changed: only those are embedded
+    again); the mask [N] of rows filled, and the versions they came from."""
+    embeddings = np.zeros((len(store), dim), dtype=np.float32)
+    filled = np.zeros(len(store), dtype=bool)
+    donors: list[str] = []
+    wanted: dict[bytes, list[int]] | None = None
+    for folder in folders:
+        for path, manifest in kept_versions(folder):
+            if _tower_of(manifest) != tower or manifest.get("dim") != dim:
+                continue
+            try:
+                donor = CorpusStore(manifest["corpus_store"])  # relative to where it was built: skipped if not here
+                if donor.corpus_hash != manifest["corpus_hash"]:
+                    continue  # the store was rebuilt since: its rows are not that version's rows
+                donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
+            except (CorpusStoreError, KeyError, OSError, ValueError):
+                continue
+            if wanted is None:
+                wanted = {}
+                for row, digest in enumerate(block_digests(store)):
+                    wanted.setdefault(digest, []).append(row)
+            pairs = [(row, j) for j, digest in enumerate(block_digests(donor)) for row in wanted.pop(digest, ())]
+            if pairs:
+                rows, donor_rows = np.array(pairs).T
+                embeddings[rows] = donor_embeddings[donor_rows]
+                filled[rows] = True
+                donors.append(str(path))
+            if not wanted:
+                return embeddings, filled, donors
+    return embeddings, filled, donors
 
 
 def index_is_current(index_dir: str | Path, key: str) -> bool:
@@ -82,15 +147,20 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
     doc_hash = weights_hash(doc_embedder)
     key = embedding_key(store.corpus_hash, doc_hash, cfg)
     t0 = time.perf_counter()
-    embeddings = None
+    embeddings, donors, missing = None, [], np.arange(0)
     for folder in (cfg.index.dir, *reuse_from):
         if embeddings is None:
             embeddings = find_embeddings(folder, key)
-    reused = embeddings is not None
-    if embeddings is None:
-        with autocast(doc_embedder.device, cfg.runtime.precision):
-            embeddings = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
-                                    progress=progress)
+    if embeddings is None:  # not this corpus: take the blocks another corpus shares with it, embed the rest
+        tower = (doc_hash, cfg.embedder.pooling, cfg.embedder.proj_dim)
+        embeddings, filled, donors = reuse_identical_blocks(store, tower, doc_embedder.dim,
+                                                            _donor_folders(cfg.index.dir, reuse_from))
+        missing = np.flatnonzero(~filled)
+        if len(missing):
+            with autocast(doc_embedder.device, cfg.runtime.precision):
+                embeddings[missing] = embed_rows(doc_embedder, store.tokens, store.lengths,
+                                                 cfg.index.embed_batch_tokens, progress=progress,
+                                                 rows=None if len(missing) == len(store) else missing)
     embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     index = make_index(cfg.index)
@@ -106,7 +176,9 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "embedder_weights_sha256": doc_hash,
         "embedder_step": embedder_step,
         "embedding_key": key,
-        "embeddings_reused": reused,
+        "embeddings_reused": len(missing) == 0,  # every row taken from an earlier version, none embedded
+        "rows_embedded": int(len(missing)),
+        "reused_from": donors,  # versions of other corpora that gave their identical blocks
         "embed_seconds": round(embed_s, 3),
         "index_build_seconds": round(build_s, 3),
         "config": config_to_dict(cfg),

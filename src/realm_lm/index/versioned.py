@@ -163,15 +163,20 @@ def load_index(index_dir: str | Path, store: CorpusStore | None = None, version:
     return index, manifest
 
 
-def find_embeddings(index_dir: str | Path, embedding_key: str) -> np.ndarray | None:
-    """Embeddings of any kept version made from the same corpus and weights (the cache is keyed by hashes)."""
+def kept_versions(index_dir: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each kept version's folder and manifest, newest first; a version whose manifest is unreadable is skipped."""
     index_dir = Path(index_dir)
     for name in reversed(_versions(index_dir)):
         path = index_dir / "versions" / name
         try:
-            manifest = json.loads((path / "manifest.json").read_text())
+            yield path, json.loads((path / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
+
+
+def find_embeddings(index_dir: str | Path, embedding_key: str) -> np.ndarray | None:
+    """Embeddings of any kept version made from the same corpus and weights (the cache is keyed by hashes)."""
+    for path, manifest in kept_versions(index_dir):
         if manifest.get("embedding_key") == embedding_key:
             try:
                 return np.load(path / "embeddings.npy")
