@@ -114,10 +114,13 @@ def reuse_identical_blocks(store: CorpusStore, tower: tuple, dim: int,
                 donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
             except (CorpusStoreError, KeyError, OSError, ValueError):
                 continue
+            if donor_embeddings.shape != (len(donor), dim):
+                continue  # damaged
             if wanted is None:
                 wanted = {}
                 for row, digest in enumerate(block_digests(store)):
                     wanted.setdefault(digest, []).append(row)
+            # (row here, row there) for each block both hold; popped, so a block is taken from one version only
             pairs = [(row, j) for j, digest in enumerate(block_digests(donor)) for row in wanted.pop(digest, ())]
             if pairs:
                 rows, donor_rows = np.array(pairs).T
