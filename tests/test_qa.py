@@ -382,6 +382,12 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     assert "Q: Who built Aldermoor?" in out and "p=" in out and ">>" in out
     assert realm("ask", "Who built Aldermoor?", "--from", run, extra=["reader.int8=true"]) == 0  # int8 reader
     assert "p=" in capsys.readouterr().out
+    assert realm("ask", "Who built Aldermoor?", "Where is Vessa?", "--from", run, "-n", "2", "--json") == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]  # one object a question
+    assert [x["question"] for x in lines] == ["Who built Aldermoor?", "Where is Vessa?"]
+    for a in (a for x in lines for a in x["answers"]):
+        assert a["char_start"] < 0 or a["evidence"][a["char_start"]:a["char_end"]] == a["answer"]
+    assert len(lines[0]["answers"]) == 2 and len(lines[0]["retrieved"]) == 16
     # no question given: one a line from stdin; a bad line is reported with its number, the others answered
     monkeypatch.setattr("sys.stdin", io.StringIO("Who built Aldermoor?\n\n" + "x" * 5000 + "\nWhere is Vessa?\n"))
     assert realm("ask", "--from", run, "-n", "1") == 2

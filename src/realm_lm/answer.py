@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,16 @@ class Response:
     question: str
     answers: list[Answer]  # most probable first
     hits: list[Hit]  # the retrieved blocks, in rank order
+
+    def to_json(self) -> dict[str, Any]:
+        """What `realm serve` answers and `realm ask --json` prints: answers with their evidence, and the hits."""
+        return {"question": self.question,
+                "answers": [{"answer": a.text, "probability": a.probability, "block_id": a.block_id, "title": a.title,
+                             "block_rank": a.block_rank, "retrieval_probability": a.retrieval_probability,
+                             "char_start": a.char_start, "char_end": a.char_end, "evidence": a.block_text}
+                            for a in self.answers],
+                "retrieved": [{"rank": h.rank, "block_id": h.block_id, "title": h.title, "score": h.score}
+                              for h in self.hits]}
 
 
 def load_reader(run_dir: str | Path) -> tuple[Reader, float, RunConfig]:

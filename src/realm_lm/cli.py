@@ -210,9 +210,10 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
     cfg = _answering_config(args)
     answerer = Answerer.from_run(args.from_run, cfg)
+    show = (lambda r: print(json.dumps(r.to_json(), ensure_ascii=False))) if args.json else print_answers
     if args.question:
         for response in answerer.answer(args.question, k=args.k, top_n=args.n):
-            print_answers(response)
+            show(response)
         return
     # no question given: one per line from stdin, answered as it comes, so the model loads once for many
     from realm_lm.retrieval import BadQuestionError
@@ -231,7 +232,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
             print(f"error: line {number}: {err}", file=sys.stderr)
             refused.append(number)
             continue
-        print_answers(response)
+        show(response)
         sys.stdout.flush()
     if refused:
         raise BadQuestionError(f"{len(refused)} question(s) refused, on line(s) {', '.join(map(str, refused[:20]))}")
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int_in(1, MAX_BLOCKS_READ), default=None,
                    help="blocks read per question (default reader.top_k)")
     p.add_argument("-n", type=int_in(1, MAX_ANSWERS), default=3, help="answers shown per question")
+    p.add_argument("--json", action="store_true", help="one JSON object a question (the schema of `realm serve`)")
     _from_finetuned(p)
     p.set_defaults(func=cmd_ask)
     p = verbs.add_parser("serve", help="answer questions with a fine-tuned run over HTTP (POST /ask, GET /health)")

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
-from realm_lm.answer import Answer, Answerer
+from realm_lm.answer import Answerer
 from realm_lm.config import MAX_ANSWERS, MAX_BLOCKS_READ
 from realm_lm.retrieval import MAX_QUESTION_CHARS, BadQuestionError
 
@@ -26,12 +26,6 @@ class AskRequest(BaseModel):
     n: int = Field(3, ge=1, le=MAX_ANSWERS, description="answers to return")
     k: int | None = Field(None, ge=1, le=MAX_BLOCKS_READ,
                           description="blocks to retrieve and read (default: the run's reader.top_k)")
-
-
-def answer_json(a: Answer) -> dict[str, Any]:
-    return {"answer": a.text, "probability": a.probability, "block_id": a.block_id, "title": a.title,
-            "block_rank": a.block_rank, "retrieval_probability": a.retrieval_probability,
-            "char_start": a.char_start, "char_end": a.char_end, "evidence": a.block_text}
 
 
 def create_app(answerer: Answerer, about: dict[str, Any]) -> FastAPI:
@@ -50,9 +44,6 @@ def create_app(answerer: Answerer, about: dict[str, Any]) -> FastAPI:
             response = answerer.answer([request.question], k=request.k, top_n=request.n)[0]
         except BadQuestionError as err:
             raise HTTPException(status_code=400, detail=str(err)) from err
-        return {"question": response.question, "answers": [answer_json(a) for a in response.answers],
-                "retrieved": [{"rank": h.rank, "block_id": h.block_id, "title": h.title, "score": h.score}
-                              for h in response.hits],
-                "seconds": round(time.perf_counter() - t0, 4)}
+        return {**response.to_json(), "seconds": round(time.perf_counter() - t0, 4)}
 
     return app
