@@ -10,7 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.artifacts import write_json_atomic
-from realm_lm.config import FINETUNE_RETRIEVERS, MAX_ANSWERS, MAX_BLOCKS_READ, ConfigError, RunConfig, load_config
+from realm_lm.config import (FINETUNE_RETRIEVERS, MAX_ANSWERS, MAX_BLOCKS_READ, ConfigError, RunConfig, load_config,
+                             run_config)
 from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
@@ -46,8 +47,6 @@ def _config(args: argparse.Namespace) -> RunConfig:
 def _answering_config(args: argparse.Namespace) -> RunConfig:
     """`ask`, `serve`, `eval qa`: a fine-tuned run answers from the corpus it was fine-tuned on (its index is of that
     corpus) unless ``--corpus`` or ``--set corpus.store=`` names another; a preset's corpus is not such a choice."""
-    from realm_lm.config import run_config
-
     from realm_lm.corpus.store import CorpusStoreError
 
     cfg = _config(args)
