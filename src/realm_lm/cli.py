@@ -259,8 +259,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     cfg = _answering_config(args)
     answerer = Answerer.from_run(args.from_run, cfg)
     app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store})
-    print(f"answering from {args.from_run} at http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs",
-          flush=True)
+    print(f"answering from {args.from_run} over {cfg.corpus.store} ({len(answerer.store)} blocks) at "
+          f"http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
