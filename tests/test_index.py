@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from realm_lm.index.build import build_index, length_batches
 from realm_lm.index.versioned import (IndexMismatchError, IndexNotFoundError, latest_version, load_index,
                                       publish, read_manifest)
 
-from conftest import ROOT, tiny_overrides
+from conftest import FIXTURES, ROOT, tiny_overrides
 
 
 def brute_force(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -131,6 +132,22 @@ def test_a_corpus_with_a_new_document_embeds_only_its_blocks(built, tmp_path):
     reused = np.load(Path(grown.index.dir) / "versions" / m["version"] / "embeddings.npy")
     embedded = np.load(Path(alone.index.dir) / "versions" / fresh["version"] / "embeddings.npy")
     np.testing.assert_allclose(reused, embedded, atol=1e-5)  # [N, D]: the same index as embedding every block
+
+
+def test_a_store_rebuilt_in_place_with_a_changed_document_embeds_only_that(built, tmp_path):
+    from dataclasses import replace
+
+    old_rows = len(CorpusStore(built.corpus.store))
+    docs = (FIXTURES / "tiny_docs.jsonl").read_text().splitlines()
+    changed = tmp_path / "changed.jsonl"  # the first document rewritten, the others as they were
+    changed.write_text("\n".join([json.dumps({**json.loads(docs[0]), "text": "Aldermoor is a city of wool."}),
+                                  *docs[1:]]) + "\n")
+    edited = replace(built, corpus=replace(built.corpus, inputs=(str(changed),)))  # the same store path and index
+    build_corpus(edited)  # the store the first version was built from is gone
+    store = CorpusStore(edited.corpus.store)
+    m = read_manifest(edited.index.dir, build_index(edited, progress=False))
+    assert 0 < m["rows_embedded"] < len(store) and len(store) < old_rows  # only the rewritten document's block
+    assert m["reused_from"] == [str(Path(built.index.dir) / "versions" / "v000001")]
 
 
 def test_index_over_another_corpus_is_refused(built, tmp_path):

@@ -68,11 +68,30 @@ def tower_key(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> str
     return embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
 
 
-def block_digests(store: CorpusStore) -> list[bytes]:
-    """A digest of each block's wordpieces: the tower's whole input, so equal digests mean equal embeddings."""
-    lengths = store.lengths
-    return [hashlib.blake2b(store.tokens[row, :lengths[row]].tobytes(), digest_size=16).digest()
-            for row in range(len(store))]
+def block_digests(store: CorpusStore) -> np.ndarray:
+    """A 16-byte digest of each block's wordpieces [N, 16]: the tower's whole input, so equal digests mean equal
+    embeddings. Kept with each index version, so that its rows can be matched after the store is rebuilt."""
+    out = np.empty((len(store), 16), dtype=np.uint8)
+    for row, length in enumerate(store.lengths):
+        out[row] = np.frombuffer(hashlib.blake2b(store.tokens[row, :length].tobytes(), digest_size=16).digest(),
+                                 np.uint8)
+    return out
+
+
+def _donor_digests(path: Path, manifest: dict, rows: int) -> np.ndarray | None:
+    """The block digests of a version's rows: kept beside its embeddings, or (versions from before they were kept)
+    computed from its corpus store if that is still the store it was built from."""
+    try:
+        digests = np.load(path / "block_digests.npy")
+    except (OSError, ValueError):
+        try:
+            donor = CorpusStore(manifest["corpus_store"])  # relative to where it was built: skipped if not here
+        except (CorpusStoreError, KeyError):
+            return None
+        if donor.corpus_hash != manifest.get("corpus_hash"):
+            return None  # rebuilt since: its rows are not that version's rows
+        digests = block_digests(donor)
+    return digests if digests.shape == (rows, 16) else None
 
 
 def _tower_of(manifest: dict) -> tuple:
@@ -94,34 +113,30 @@ def _donor_folders(index_dir: str | Path, reuse_from: tuple[str | Path, ...]) ->
     return folders
 
 
-def reuse_identical_blocks(store: CorpusStore, tower: tuple, dim: int,
+def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
                            folders: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings [N, D] of the blocks of ``store`` that a kept version of one of ``folders`` already holds, embedded
-    by the same tower from the same wordpieces (a corpus with documents added or changed: only those are embedded
-    again); the mask [N] of rows filled, and the versions they came from."""
-    embeddings = np.zeros((len(store), dim), dtype=np.float32)
-    filled = np.zeros(len(store), dtype=bool)
+    """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (:func:`block_digests`) that a kept version of one of
+    ``folders`` already holds, embedded by the same tower from the same wordpieces (a corpus with documents added
+    or changed: only those are embedded again); the mask [N] of rows filled, and the versions they came from."""
+    embeddings = np.zeros((len(digests), dim), dtype=np.float32)
+    filled = np.zeros(len(digests), dtype=bool)
     donors: list[str] = []
-    wanted: dict[bytes, list[int]] | None = None
+    wanted: dict[bytes, list[int]] = {}
+    for row, digest in enumerate(digests):
+        wanted.setdefault(digest.tobytes(), []).append(row)
     for folder in folders:
         for path, manifest in kept_versions(folder):
             if _tower_of(manifest) != tower or manifest.get("dim") != dim:
                 continue
             try:
-                donor = CorpusStore(manifest["corpus_store"])  # relative to where it was built: skipped if not here
-                if donor.corpus_hash != manifest["corpus_hash"]:
-                    continue  # the store was rebuilt since: its rows are not that version's rows
                 donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
-            except (CorpusStoreError, KeyError, OSError, ValueError):
+            except (OSError, ValueError):
                 continue
-            if donor_embeddings.shape != (len(donor), dim):
-                continue  # damaged
-            if wanted is None:
-                wanted = {}
-                for row, digest in enumerate(block_digests(store)):
-                    wanted.setdefault(digest, []).append(row)
+            donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
+            if donor_digests is None or donor_embeddings.shape[1] != dim:
+                continue
             # (row here, row there) for each block both hold; popped, so a block is taken from one version only
-            pairs = [(row, j) for j, digest in enumerate(block_digests(donor)) for row in wanted.pop(digest, ())]
+            pairs = [(row, j) for j, digest in enumerate(donor_digests) for row in wanted.pop(digest.tobytes(), ())]
             if pairs:
                 rows, donor_rows = np.array(pairs).T
                 embeddings[rows] = donor_embeddings[donor_rows]
@@ -151,12 +166,13 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
     key = embedding_key(store.corpus_hash, doc_hash, cfg)
     t0 = time.perf_counter()
     embeddings, donors, missing = None, [], np.arange(0)
+    digests = block_digests(store)  # [N, 16]
     for folder in (cfg.index.dir, *reuse_from):
         if embeddings is None:
             embeddings = find_embeddings(folder, key)
     if embeddings is None:  # not this corpus: take the blocks another corpus shares with it, embed the rest
         tower = (doc_hash, cfg.embedder.pooling, cfg.embedder.proj_dim)
-        embeddings, filled, donors = reuse_identical_blocks(store, tower, doc_embedder.dim,
+        embeddings, filled, donors = reuse_identical_blocks(digests, tower, doc_embedder.dim,
                                                             _donor_folders(cfg.index.dir, reuse_from))
         missing = np.flatnonzero(~filled)
         if len(missing):
@@ -186,4 +202,4 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "index_build_seconds": round(build_s, 3),
         "config": config_to_dict(cfg),
     }
-    return publish(cfg.index.dir, embeddings, index, manifest, keep=cfg.refresh.keep)
+    return publish(cfg.index.dir, embeddings, index, manifest, keep=cfg.refresh.keep, block_digests=digests)

@@ -3,7 +3,8 @@
 ::
 
     index_dir/LATEST               "v000003" (replaced atomically after the version folder is in place)
-    index_dir/versions/v000003/    embeddings.npy [N, D], faiss.index (faiss backends), manifest.json
+    index_dir/versions/v000003/    embeddings.npy [N, D], faiss.index (faiss backends), manifest.json,
+                                   block_digests.npy [N, 16] (what each row embedded)
 
 A manifest records the corpus hash and a hash of the block-id map, the hash of the embedder weights that
 made the embeddings (and the training step they came from), the resolved config and the creation time.
@@ -95,10 +96,11 @@ def _folder_lock(index_dir: Path) -> Iterator[None]:
 
 
 def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifest: dict[str, Any],
-            keep: int = 3) -> str:
+            keep: int = 3, block_digests: np.ndarray | None = None) -> str:
     """Write a new version and point LATEST at it; returns its name. The files are written under a name of the
     builder's own, so that builders publishing into one folder at once (two commands re-embedding one run's index)
-    never touch each other's; the version number and LATEST are then taken under a lock on the folder."""
+    never touch each other's; the version number and LATEST are then taken under a lock on the folder.
+    ``block_digests`` [N, 16]: what each row embedded (index.build.block_digests), for later builds to reuse."""
     index_dir = Path(index_dir)
     versions = index_dir / "versions"
     versions.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,8 @@ def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifes
     unpublished = versions / f"{UNPUBLISHED}-{os.getpid()}-{time.time_ns()}"
     with staged_dir(unpublished) as staging:
         np.save(staging / "embeddings.npy", embeddings)
+        if block_digests is not None:
+            np.save(staging / "block_digests.npy", block_digests)
         index.save(staging)
         manifest = {**manifest, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
