@@ -121,9 +121,7 @@ def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
     embeddings = np.zeros((len(digests), dim), dtype=np.float32)
     filled = np.zeros(len(digests), dtype=bool)
     donors: list[str] = []
-    wanted: dict[bytes, list[int]] = {}
-    for row, digest in enumerate(digests):
-        wanted.setdefault(digest.tobytes(), []).append(row)
+    wanted: dict[bytes, list[int]] | None = None  # digest -> rows still without an embedding; made on first use
     for folder in folders:
         for path, manifest in kept_versions(folder):
             if _tower_of(manifest) != tower or manifest.get("dim") != dim:
@@ -135,6 +133,10 @@ def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
             donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
             if donor_digests is None or donor_embeddings.shape[1] != dim:
                 continue
+            if wanted is None:  # only once a version of this tower turns up (never while pre-training moves it)
+                wanted = {}
+                for row, digest in enumerate(digests):
+                    wanted.setdefault(digest.tobytes(), []).append(row)
             # (row here, row there) for each block both hold; popped, so a block is taken from one version only
             pairs = [(row, j) for j, digest in enumerate(donor_digests) for row in wanted.pop(digest.tobytes(), ())]
             if pairs:
