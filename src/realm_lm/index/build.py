@@ -14,8 +14,7 @@ from tqdm import tqdm
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore, CorpusStoreError
 from realm_lm.index.backends import make_index
-from realm_lm.index.versioned import (block_ids_hash, find_embeddings, kept_versions, latest_version, publish,
-                                      read_manifest)
+from realm_lm.index.versioned import block_ids_hash, kept_versions, latest_version, publish, read_manifest
 from realm_lm.models.embedder import Embedder, build_retriever, weights_hash
 from realm_lm.runtime import autocast, resolve_device
 
@@ -58,7 +57,7 @@ def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_
 
 
 def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> str:
-    """What the embeddings depend on: corpus, document-tower weights, pooling. Keys the embedding cache."""
+    """What the embeddings depend on: corpus, document-tower weights, pooling. Says whether an index is current."""
     parts = [corpus_hash, doc_weights_hash, cfg.embedder.pooling, str(cfg.embedder.proj_dim)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -160,28 +159,21 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
                 reuse_from: tuple[str | Path, ...] = ()) -> str:
     """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes) and publish a
     new version to ``cfg.index.dir``. A given tower embeds where it lies; the default one on ``cfg.runtime``'s
-    device. Embeddings of the same corpus, weights and pooling are reused from that
-    folder or from the ``reuse_from`` index folders (a fine-tuning run reuses its starting run's index)."""
+    device. Blocks that a kept version of the same tower already embedded (this corpus or another sharing them,
+    in that folder, beside it or in the ``reuse_from`` folders: a fine-tuning run's starting index) are reused."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
     doc_hash = weights_hash(doc_embedder)
-    key = embedding_key(store.corpus_hash, doc_hash, cfg)
     t0 = time.perf_counter()
-    embeddings, donors, missing = None, [], np.arange(0)
     digests = block_digests(store)  # [N, 16]
-    for folder in (cfg.index.dir, *reuse_from):
-        if embeddings is None:
-            embeddings = find_embeddings(folder, key)
-    if embeddings is None:  # not this corpus: take the blocks another corpus shares with it, embed the rest
-        tower = (doc_hash, cfg.embedder.pooling, cfg.embedder.proj_dim)
-        embeddings, filled, donors = reuse_identical_blocks(digests, tower, doc_embedder.dim,
-                                                            _donor_folders(cfg.index.dir, reuse_from))
-        missing = np.flatnonzero(~filled)
-        if len(missing):
-            with autocast(doc_embedder.device, cfg.runtime.precision):
-                embeddings[missing] = embed_rows(doc_embedder, store.tokens, store.lengths,
-                                                 cfg.index.embed_batch_tokens, progress=progress,
-                                                 rows=None if len(missing) == len(store) else missing)
+    tower = (doc_hash, cfg.embedder.pooling, cfg.embedder.proj_dim)
+    embeddings, filled, donors = reuse_identical_blocks(digests, tower, doc_embedder.dim,
+                                                        _donor_folders(cfg.index.dir, reuse_from))
+    missing = np.flatnonzero(~filled)
+    if len(missing):
+        with autocast(doc_embedder.device, cfg.runtime.precision):
+            embeddings[missing] = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
+                                             progress=progress, rows=missing)
     embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     index = make_index(cfg.index)
@@ -196,10 +188,10 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "block_ids_sha256": block_ids_hash(store.block_ids),
         "embedder_weights_sha256": doc_hash,
         "embedder_step": embedder_step,
-        "embedding_key": key,
+        "embedding_key": embedding_key(store.corpus_hash, doc_hash, cfg),
         "embeddings_reused": len(missing) == 0,  # every row taken from an earlier version, none embedded
         "rows_embedded": int(len(missing)),
-        "reused_from": donors,  # versions of other corpora that gave their identical blocks
+        "reused_from": donors,  # the versions that gave their identical blocks
         "embed_seconds": round(embed_s, 3),
         "index_build_seconds": round(build_s, 3),
         "config": config_to_dict(cfg),

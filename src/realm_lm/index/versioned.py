@@ -176,14 +176,3 @@ def kept_versions(index_dir: str | Path) -> Iterator[tuple[Path, dict[str, Any]]
             yield path, json.loads((path / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-
-
-def find_embeddings(index_dir: str | Path, embedding_key: str) -> np.ndarray | None:
-    """Embeddings of any kept version made from the same corpus and weights (the cache is keyed by hashes)."""
-    for path, manifest in kept_versions(index_dir):
-        if manifest.get("embedding_key") == embedding_key:
-            try:
-                return np.load(path / "embeddings.npy")
-            except (OSError, ValueError):  # damaged: embed again
-                continue
-    return None
