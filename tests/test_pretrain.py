@@ -159,6 +159,40 @@ def test_killed_builder_leaves_the_old_index_loadable(tmp_path):
     recipe.close()
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's new parent may be slow to reap it, or not reap at all in a container)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_builder_whose_trainer_was_killed_stops_without_publishing(tmp_path):
+    """kill -9 of the trainer cannot stop its builder; the builder notices its trainer is gone and publishes nothing
+    (else a fresh run started in the folder meanwhile would swap in a version of the dead run's weights)."""
+    overrides = tiny_overrides(tmp_path, "refresh.mode=async", "refresh.every=1")
+    build_corpus(load_config(ROOT / "configs" / "tiny.toml", overrides))
+    trainer = (f"import os, signal\n"
+               f"from realm_lm.config import load_config\n"
+               f"from realm_lm.train.pretrain import PretrainRecipe\n"
+               f"recipe = PretrainRecipe(load_config({str(ROOT / 'configs' / 'tiny.toml')!r}, {overrides!r}))\n"
+               f"recipe.setup()\n"
+               f"recipe.refresher._launch(recipe.model.retriever.doc, 1)\n"
+               f"print(recipe.refresher.builder.pid, flush=True)\n"
+               f"os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", trainer], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    builder_pid = int(proc.stdout.split()[-1])
+    deadline = time.time() + 60
+    while _running(builder_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _running(builder_pid)
+    index_dir = tmp_path / "pretrain" / "index"
+    assert latest_version(index_dir) == "v000001"  # the first index, built while the trainer waited
+    assert sorted(p.name for p in (index_dir / "versions").iterdir() if p.name.startswith("v")) == ["v000001"]
+    assert "the builder stops without publishing" in (tmp_path / "pretrain" / "refresh" / "builder.log").read_text()
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     from realm_lm.train.checkpoint import CheckpointError
     recipe = recipe_for(tmp_path, "pretrain.steps=2")

@@ -6,7 +6,8 @@ version if there is one, between steps, without waiting, and (2) when the schedu
 running, writes a weight snapshot and starts a builder. ``sync`` mode runs the same builder and waits for it
 (for comparison); ``never`` keeps the first index (the "stale index" ablation).
 
-Run as a module, this file is the builder: ``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP``.
+Run as a module, this file is the builder:
+``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP TRAINER_PID``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,7 +134,8 @@ class IndexRefresher:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cfg.refresh.threads)}
         with open(self.run_dir / "refresh" / "builder.log", "a") as log:  # the child keeps its own copy of the fd
             self.builder = subprocess.Popen(
-                [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step)],
+                [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step),
+                 str(os.getpid())],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         self.builder_started = time.perf_counter()
         self.schedule.last_started = step
@@ -188,8 +191,22 @@ def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int) -> str:
     return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc)
 
 
+def exit_with_trainer(trainer_pid: int, poll_s: float = 0.2) -> None:
+    """Stop this builder as soon as the trainer that launched it is gone. A trainer killed with SIGKILL cannot stop
+    its builder, which would otherwise publish into the run folder, where a fresh run started meanwhile would swap
+    in a version embedded by the dead run's weights. Its staging folder is cleared by the next publish."""
+    def watch() -> None:
+        while os.getppid() == trainer_pid:  # once the trainer dies, this process is handed to another parent
+            time.sleep(poll_s)
+        print(f"the trainer (pid {trainer_pid}) is gone: the builder stops without publishing", flush=True)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="trainer-watch", daemon=True).start()
+
+
 if __name__ == "__main__":
-    config_json, snapshot_path, step_text = sys.argv[1:4]
+    config_json, snapshot_path, step_text, trainer_pid = sys.argv[1:5]
+    exit_with_trainer(int(trainer_pid))
     from realm_lm.runtime import setup_runtime
 
     run_cfg = config_from_dict(json.loads(Path(config_json).read_text()))
