@@ -233,6 +233,22 @@ def test_squad_json_with_a_missing_field_names_where(tmp_path):
         read_qa_file(bad)
 
 
+def test_squad_2_unanswerable_questions_are_skipped_and_said_so(tmp_path, capsys):
+    answerable = {"id": "q1", "question": "Who?", "answers": [{"text": "Orin", "answer_start": 0}]}
+    unanswerable = {"id": "q2", "question": "Why?", "answers": [], "is_impossible": True,
+                    "plausible_answers": [{"text": "Orin", "answer_start": 0}]}
+    squad = {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{"context": "Orin.",
+                                                                        "qas": [answerable, unanswerable]}]}]}
+    path = tmp_path / "squad2.json"
+    path.write_text(json.dumps(squad))
+    assert [q.qid for q in read_qa_file(path)] == ["q1"]  # an open-domain miss on q2 would count as a wrong answer
+    assert "skipped 1 question(s) without an answer" in capsys.readouterr().err
+    squad["data"][0]["paragraphs"][0]["qas"] = [unanswerable]
+    path.write_text(json.dumps(squad))
+    with pytest.raises(QaFileError, match="no questions"):
+        read_qa_file(path)
+
+
 def test_a_bad_answer_pattern_fails_before_any_question_is_answered():
     questions = [Question("q1", "Who?", (r"(George )?Washington",)), Question("q2", "When?", (r"19(37",))]
     with pytest.raises(QaFileError, match=r"question 'q2': answer '19\(37' is not a valid regular expression"):

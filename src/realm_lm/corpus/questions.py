@@ -5,6 +5,7 @@ Questions are answered open-domain, from the whole corpus."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _load_squad(path: str | Path, split: str | None) -> list[Question]:
         data = json.loads(path.read_text(encoding="utf-8"))["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise QaFileError(f"{path}: not a SQuAD JSON file ({err})") from err
-    out = []
+    out, unanswerable = [], 0
     for i, article in enumerate(data):
         if split is not None and split_of(i) != split:
             continue
@@ -56,11 +57,17 @@ def _load_squad(path: str | Path, split: str | None) -> list[Question]:
                 for n, qa in enumerate(para["qas"]):
                     where = f"{path}: article {i}, paragraph {p}, question {n}"
                     answers = tuple(dict.fromkeys(a["text"] for a in qa["answers"]))  # unique, in order
+                    if not answers:  # SQuAD 2.0's unanswerable questions: open-domain QA scores every miss as wrong
+                        unanswerable += 1
+                        continue
                     out.append(Question(qa["id"], qa["question"], answers, article["title"]))
         except KeyError as err:
             raise QaFileError(f"{where}: missing field {err}") from None
         except TypeError as err:
             raise QaFileError(f"{where}: not laid out as SQuAD JSON ({err})") from None
+    if unanswerable:
+        print(f"{path}: skipped {unanswerable} question(s) without an answer (SQuAD 2.0's unanswerable ones); "
+              f"{len(out)} kept", file=sys.stderr)
     return out
 
 
