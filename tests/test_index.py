@@ -208,3 +208,20 @@ def test_two_builders_publishing_into_one_folder_take_different_versions(tmp_pat
     for t in threads:
         t.join()
     assert not errors and not dead.exists() and live.exists()
+
+
+def test_digest_matching_agrees_with_a_dict():
+    from realm_lm.index.build import match_digests
+    rng = np.random.default_rng(0)
+    donor = rng.integers(0, 256, (200, 16), dtype=np.uint8)
+    donor[50] = donor[10]  # a block twice in the donor
+    wanted = np.concatenate([donor[rng.permutation(200)[:120]],  # held there
+                             rng.integers(0, 256, (30, 16), dtype=np.uint8),  # new blocks
+                             donor[10:11]])
+    wanted[121, :8] = donor[3, :8]  # shares a donor's first 8 bytes but not the rest: not a match
+    rows = {d.tobytes(): j for j, d in enumerate(donor)}
+    expected = np.array([rows.get(d.tobytes(), -1) for d in wanted])
+    got = match_digests(wanted, donor)
+    assert ((got >= 0) == (expected >= 0)).all()
+    assert (donor[got[got >= 0]] == wanted[got >= 0]).all()  # any donor row with the same digest will do
+    assert (match_digests(wanted, donor[:0]) == -1).all()

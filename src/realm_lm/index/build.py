@@ -112,6 +112,22 @@ def _donor_folders(index_dir: str | Path, reuse_from: tuple[str | Path, ...]) ->
     return folders
 
 
+def match_digests(wanted: np.ndarray, donor: np.ndarray) -> np.ndarray:
+    """For each digest of ``wanted`` [N, 16], a row of ``donor`` [M, 16] with the same digest, or -1 [N]. Sorted
+    arrays, not a dict: at the paper's 13M blocks a dict of digests takes 4 GB. Rows are looked up by their first 8
+    bytes and then compared in full (two digests sharing 8 bytes but not 16 only cost a re-embedding)."""
+    if len(donor) == 0:
+        return np.full(len(wanted), -1)
+    wanted, donor = np.ascontiguousarray(wanted).view(np.uint64), np.ascontiguousarray(donor).view(np.uint64)  # [., 2]
+    donor_order = np.argsort(donor[:, 0], kind="stable")  # [M]
+    wanted_order = np.argsort(wanted[:, 0], kind="stable")  # [N] sorted queries: a search 20x faster than unsorted
+    at = np.searchsorted(donor[donor_order, 0], wanted[wanted_order, 0]).clip(max=len(donor) - 1)
+    candidate = np.empty(len(wanted), dtype=np.int64)
+    candidate[wanted_order] = donor_order[at]  # [N] the donor row whose key is the first >= ours
+    same = (donor[candidate] == wanted).all(axis=1)  # [N] the whole digest
+    return np.where(same, candidate, -1)
+
+
 def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
                            folders: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (:func:`block_digests`) that a kept version of one of
@@ -120,7 +136,6 @@ def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
     embeddings = np.zeros((len(digests), dim), dtype=np.float32)
     filled = np.zeros(len(digests), dtype=bool)
     donors: list[str] = []
-    wanted: dict[bytes, list[int]] | None = None  # digest -> rows still without an embedding; made on first use
     for folder in folders:
         for path, manifest in kept_versions(folder):
             if _tower_of(manifest) != tower or manifest.get("dim") != dim:
@@ -132,18 +147,16 @@ def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
             donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
             if donor_digests is None or donor_embeddings.shape[1] != dim:
                 continue
-            if wanted is None:  # only once a version of this tower turns up (never while pre-training moves it)
-                wanted = {}
-                for row, digest in enumerate(digests):
-                    wanted.setdefault(digest.tobytes(), []).append(row)
-            # (row here, row there) for each block both hold; popped, so a block is taken from one version only
-            pairs = [(row, j) for j, digest in enumerate(donor_digests) for row in wanted.pop(digest.tobytes(), ())]
-            if pairs:
-                rows, donor_rows = np.array(pairs).T
-                embeddings[rows] = donor_embeddings[donor_rows]
+            rows = np.flatnonzero(~filled)  # each block is taken from the first version that holds it
+            donor_rows = match_digests(digests[rows], donor_digests)  # [len(rows)]
+            found = donor_rows >= 0
+            if found.any():
+                rows, donor_rows = rows[found], donor_rows[found]
+                order = np.argsort(donor_rows)  # ascending rows read the memory-mapped donor in order
+                embeddings[rows[order]] = donor_embeddings[donor_rows[order]]
                 filled[rows] = True
                 donors.append(str(path))
-            if not wanted:
+            if filled.all():
                 return embeddings, filled, donors
     return embeddings, filled, donors
 
