@@ -431,6 +431,9 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     assert main(["eval", "qa", "--from", run, "--questions", str(FIXTURES / "tiny_qa.jsonl"), "--config", str(preset),
                  *sets]) == 0
     assert json.loads((tmp_path / "finetune" / "metrics-tiny_qa.json").read_text())["corpus"] == str(tmp_path / "corpus")
+    # and so does `realm retrieve --from` a fine-tuned run (the preset's corpus holds only Zorvath)
+    assert main(["retrieve", "Who built Aldermoor?", "--from", run, "-k", "1", "--config", str(preset), *sets]) == 0
+    assert "[Zorvath]" not in capsys.readouterr().out
 
 
 def test_bad_input_and_damaged_artifacts_give_clear_errors(tmp_path, capsys):

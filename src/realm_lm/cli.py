@@ -45,11 +45,15 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _answering_config(args: argparse.Namespace) -> RunConfig:
-    """`ask`, `serve`, `eval qa`: a fine-tuned run answers from the corpus it was fine-tuned on (its index is of that
-    corpus) unless ``--corpus`` or ``--set corpus.store=`` names another; a preset's corpus is not such a choice."""
+    """`ask`, `serve`, `eval qa`: the config, answering from the corpus of the fine-tuned run (:func:`_run_corpus`)."""
+    return _run_corpus(args, _config(args))
+
+
+def _run_corpus(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
+    """A fine-tuned run answers and retrieves from the corpus it was fine-tuned on (its index is of that corpus)
+    unless ``--corpus`` or ``--set corpus.store=`` names another; a preset's corpus is not such a choice."""
     from realm_lm.corpus.store import CorpusStoreError
 
-    cfg = _config(args)
     if args.corpus or any(o.split("=", 1)[0].strip() == "corpus.store" for o in args.set or ()):
         return cfg
     corpus = run_config(args.from_run).corpus
@@ -57,6 +61,18 @@ def _answering_config(args: argparse.Namespace) -> RunConfig:
         raise CorpusStoreError(f"no corpus store at {corpus.store}, the corpus {args.from_run} was fine-tuned on (a "
                                "path relative to where it was trained); name one with --corpus STORE")
     return replace(cfg, corpus=corpus)
+
+
+def _retriever_config(args: argparse.Namespace) -> RunConfig:
+    """`index build`, `retrieve`: with ``--from`` a run's towers and its own index; a fine-tuned run's on the corpus
+    it was fine-tuned on (an ICT or pre-training run's training corpus is not the one to retrieve from)."""
+    from realm_lm.retrieval import trained_config
+    from realm_lm.train.checkpoint import is_finetuned
+
+    cfg = _config(args)
+    if not args.from_run:
+        return cfg
+    return trained_config(_run_corpus(args, cfg) if is_finetuned(args.from_run) else cfg, args.from_run)
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> None:
@@ -80,11 +96,9 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
 def cmd_index_build(args: argparse.Namespace) -> None:
     from realm_lm.index.build import build_index
     from realm_lm.index.versioned import read_manifest
-    from realm_lm.retrieval import minilm_mean_config, trained_config
-    cfg = _config(args)
-    if args.from_run:
-        cfg = trained_config(cfg, args.from_run)
-    elif args.retriever == "minilm-mean":
+    from realm_lm.retrieval import minilm_mean_config
+    cfg = _retriever_config(args)
+    if not args.from_run and args.retriever == "minilm-mean":
         cfg = minilm_mean_config(cfg)
     version = build_index(cfg)
     m = read_manifest(cfg.index.dir, version)
@@ -96,10 +110,8 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> None:
-    from realm_lm.retrieval import hits_of, make_searcher, trained_config
-    cfg = _config(args)
-    if args.from_run:
-        cfg = trained_config(cfg, args.from_run)
+    from realm_lm.retrieval import hits_of, make_searcher
+    cfg = _retriever_config(args)
     searcher = make_searcher(cfg, args.retriever)
     scores, rows = searcher.search([args.question], args.k)
     print_hits(args.question, hits_of(searcher.store, scores[0], rows[0]))
@@ -283,11 +295,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override one config value, e.g. --set index.backend=faiss-hnsw (repeatable)")
 
 
-def _from(p: argparse.ArgumentParser) -> None:
+def _from(p: argparse.ArgumentParser, corpus: str) -> None:
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR",
-                   help="use the retriever of a training run (ICT or pre-training); its index of this corpus "
-                        "lives in RUN_DIR/eval-index-<corpus hash>, built on first use and again once the run has "
-                        "trained further")
+                   help=f"use the retriever of a training run; its index of {corpus} lives in "
+                        "RUN_DIR/eval-index-<corpus hash>, built on first use and again once the run has trained "
+                        "further")
 
 
 def _corpus(p: argparse.ArgumentParser) -> None:
@@ -321,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = index.add_parser("build", help="embed every block and publish a new index version")
     _common(p)
     p.add_argument("--retriever", choices=["realm", "minilm-mean"], default="realm")
-    _from(p)
+    _from(p, "the corpus (a fine-tuning run's: the one it was fine-tuned on, unless --corpus)")
     _corpus(p)
     p.set_defaults(func=cmd_index_build)
 
@@ -330,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("-k", type=int_in(1), default=5)
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
-    _from(p)
+    _from(p, "the corpus (a fine-tuning run's: the one it was fine-tuned on, unless --corpus)")
     _corpus(p)
     p.set_defaults(func=cmd_retrieve)
 
@@ -340,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     p.add_argument("--json", help="also write the figures as flat JSON to this file")
-    _from(p)
+    _from(p, "the preset's corpus, which the split's questions are asked of")
     p.set_defaults(func=cmd_eval_retrieval)
     p = ev.add_parser("qa", help="exact match, F1 and recall@k of a fine-tuned run; writes a predictions JSONL")
     _common(p)

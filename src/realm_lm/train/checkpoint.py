@@ -95,6 +95,12 @@ def tensor_names(checkpoint: Path) -> set[str]:
         raise CheckpointError(f"checkpoint {checkpoint} is unreadable: {err}") from err
 
 
+def is_finetuned(run_dir: str | Path) -> bool:
+    """Whether a run folder is a `realm finetune` run: its latest checkpoint holds a reader."""
+    ckpt = latest_checkpoint(run_dir)
+    return ckpt is not None and any(name.startswith("reader.") for name in tensor_names(ckpt))
+
+
 def read_weights(checkpoint: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The weights of a checkpoint folder whose names start with ``prefix``, named without it."""
     try:
