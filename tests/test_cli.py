@@ -6,6 +6,7 @@ import pytest
 
 from realm_lm.cli import main
 from realm_lm.index.versioned import latest_version, read_manifest
+from realm_lm.train.checkpoint import latest_checkpoint
 
 from conftest import ROOT, tiny_overrides
 
@@ -87,6 +88,14 @@ def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert realm(tmp_path, "pretrain", "--resume", "--set", "pretrain.steps=3") == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "step 3:" in out
+    # the same command without --resume would replace the run: refused, the run untouched, unless --overwrite
+    run = tmp_path / "pretrain"
+    log_before = (run / "metrics.jsonl").read_text()
+    assert realm(tmp_path, "pretrain", "--set", "pretrain.steps=3") == 2
+    assert "already holds a run (checkpoint step_0000003)" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == log_before and latest_checkpoint(run).name == "step_0000003"
+    assert realm(tmp_path, "pretrain", "--overwrite", "--set", "pretrain.steps=3") == 0
+    assert "step 3:" in capsys.readouterr().out
     png = tmp_path / "pretrain" / "metrics.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     log = tmp_path / "pretrain" / "metrics.jsonl"

@@ -456,7 +456,8 @@ def test_bad_input_and_damaged_artifacts_give_clear_errors(tmp_path, capsys):
     assert realm("eval", "qa", "--from", run, "--questions", str(broken)) == 2
     assert "broken.jsonl:1" in capsys.readouterr().err
     sets = [x for o in tiny_overrides(tmp_path, f"finetune.questions={broken}") for x in ("--set", o)]
-    assert main(["finetune", "--config", str(ROOT / "configs" / "tiny.toml"), *sets]) == 2
+    assert main(["finetune", "--overwrite", "--config", str(ROOT / "configs" / "tiny.toml"), *sets]) == 2
+    assert "broken.jsonl:1" in capsys.readouterr().err
     assert realm("ask", "Who?", "--from", str(tmp_path / "nowhere")) == 2
     assert realm("eval", "qa", "--from", str(tmp_path / "corpus")) == 2  # not a run folder
 

@@ -132,11 +132,20 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
         write_json_atomic(args.json, {f"{args.split}.{args.retriever}.{k}": v for k, v in result.items()})
 
 
+def _check_run_folder(args: argparse.Namespace, run_dir: str) -> None:
+    """`ict`, `pretrain`, `finetune`: a fresh run into a folder holding a run is refused without --overwrite."""
+    from realm_lm.train.checkpoint import check_fresh_start
+    if not (args.resume or args.overwrite):
+        check_fresh_start(run_dir, args.verb)
+
+
 def cmd_ict(args: argparse.Namespace) -> None:
     from realm_lm.train import distributed
     from realm_lm.train.ict import main as ict_main
+    cfg = _config(args)
+    _check_run_folder(args, cfg.ict.run_dir)
     with distributed.process_group() as main_rank:
-        result = ict_main(_config(args), resume=args.resume)
+        result = ict_main(cfg, resume=args.resume)
     if not main_rank:  # rank 0 reports
         return
     print(markdown_table(["pseudo-queries on held-out blocks", *[k.removeprefix("before.") for k in result if k.startswith("before.")]],
@@ -149,6 +158,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from realm_lm.train import distributed
     from realm_lm.train.pretrain import main as pretrain_main
     cfg = _config(args)
+    _check_run_folder(args, cfg.pretrain.run_dir)
     with distributed.process_group() as main_rank:
         history = pretrain_main(cfg, resume=args.resume)
     if not main_rank:  # rank 0 reports and plots
@@ -170,6 +180,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=args.from_run))
     if args.retriever:
         cfg = replace(cfg, finetune=replace(cfg.finetune, retriever=args.retriever))
+    _check_run_folder(args, cfg.finetune.run_dir)
     with distributed.process_group() as main_rank:
         history = finetune_main(cfg, resume=args.resume)
     if not main_rank:  # rank 0 reports and plots
@@ -368,11 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("ict", help="Inverse Cloze Task warm start of the retriever")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
     p.set_defaults(func=cmd_ict)
 
     p = verbs.add_parser("pretrain", help="REALM pre-training with asynchronous index refresh")
     _common(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
     p.set_defaults(func=cmd_pretrain)
 
     p = verbs.add_parser("finetune", help="open-domain QA fine-tuning: query tower + span reader over a fixed index")
@@ -382,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'' = MiniLM (default: finetune.init_from)")
     p.add_argument("--retriever", choices=FINETUNE_RETRIEVERS, help="default: finetune.retriever")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
     p.set_defaults(func=cmd_finetune)
     p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")
     _common(p)
@@ -426,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     from realm_lm.masking import NerUnavailableError
-    from realm_lm.train.checkpoint import CheckpointError, MetricsLogError
+    from realm_lm.train.checkpoint import CheckpointError, MetricsLogError, RunFolderTakenError
     expected = (ConfigError, IndexBuilderError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError,
                 CorpusStoreError, IndexNotFoundError, IndexMismatchError, IndexCorruptError, ModelNotFoundError,
-                BadQuestionError, QaFileError, MetricsLogError, FileNotFoundError)
+                BadQuestionError, QaFileError, MetricsLogError, RunFolderTakenError, FileNotFoundError)
     t0 = time.perf_counter()
     try:
         args.func(args)

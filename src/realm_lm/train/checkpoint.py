@@ -75,6 +75,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+class RunFolderTakenError(RuntimeError):
+    """A fresh run was started in a folder that holds another run's checkpoints."""
+
+
+def check_fresh_start(run_dir: str | Path, verb: str) -> None:
+    """A fresh run replaces the checkpoints and the metrics log of a run already in its folder: `realm ict`,
+    `pretrain` and `finetune` refuse it unless told (a rerun without --resume would silently undo hours of work)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        raise RunFolderTakenError(f"{run_dir} already holds a run (checkpoint {ckpt.name}): `realm {verb} --resume` "
+                                  f"continues it, --overwrite starts a new one in its place (its checkpoints and "
+                                  f"metrics log are replaced), or name another folder with --set {verb}.run_dir=...")
+
+
 def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
     """The checkpoint ``--resume`` continues from: the run's latest. None without ``--resume``, and also, said on
     stderr, when the run has none yet (a job script that always passes ``--resume`` starts at step 0)."""
