@@ -129,3 +129,31 @@ def test_a_run_trained_further_gets_a_fresh_index_not_the_stale_one(tmp_path, ca
     capsys.readouterr()
     assert realm(tmp_path, "retrieve", "Who built Aldermoor?", "--set", "embedder.seed=1") == 2
     assert "embedded by other document-tower weights" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_step_under_way(tmp_path):
+    """The first Ctrl-C (SIGINT) finishes the step, saves it and exits 130; --resume then continues from there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = [x for o in tiny_overrides(tmp_path, "ict.steps=400", "ict.save_every=1000") for x in ("--set", o)]
+    cmd = [sys.executable, "-m", "realm_lm.cli", "ict", "--config", str(ROOT / "configs" / "tiny.toml"), *overrides]
+    assert realm(tmp_path, "corpus", "build") == 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    log = tmp_path / "ict" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert 3 <= steps[-1] < 400 and latest_checkpoint(tmp_path / "ict").name == f"step_{steps[-1]:07d}"
+    assert f"stopped at step {steps[-1]} with checkpoint" in err
+    resumed = subprocess.run([*cmd, "--resume", "--set", f"ict.steps={steps[-1] + 2}"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, steps[-1] + 3))

@@ -136,7 +136,8 @@ class IndexRefresher:
             self.builder = subprocess.Popen(
                 [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step),
                  str(os.getpid())],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)  # a Ctrl-C in the terminal is the trainer's to handle: it stops the builder
         self.builder_started = time.perf_counter()
         self.schedule.last_started = step
         self.stats.refreshes_started += 1

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import sys
+import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from tqdm import tqdm
@@ -18,7 +22,30 @@ class Recipe(Protocol):
 
     def train_step(self) -> dict[str, Any]: ...  # one optimizer step; metrics already averaged over ranks
 
-    def save(self) -> Any: ...
+    def save(self) -> Any: ...  # returns the checkpoint folder
+
+
+@contextlib.contextmanager
+def stop_between_steps() -> Iterator[list[bool]]:
+    """The first Ctrl-C (SIGINT) lets the step under way finish and then stops the loop, so the checkpoint saved
+    holds whole weights and optimizer state; a second one interrupts at once. Yields a list that becomes non-empty
+    once a stop is asked for. Only in a single process's main thread: under torchrun the launcher handles signals."""
+    requested: list[bool] = []
+    if distributed.world_size() > 1 or threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def ask_to_stop(signum, frame) -> None:
+        requested.append(True)
+        signal.signal(signal.SIGINT, previous)
+        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
@@ -26,7 +53,8 @@ def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
               progress: bool = True) -> list[dict[str, Any]]:
     """Step ``recipe`` from its ``step`` to ``end`` (default ``total``). Rank 0 appends every step's metrics to
     RUN_DIR/metrics.jsonl as it goes (a kill loses nothing logged) and saves a checkpoint every ``save_every``
-    steps and at ``total``. Returns the metrics of the steps run."""
+    steps and at ``total``. Ctrl-C saves one after the step under way and raises KeyboardInterrupt.
+    Returns the metrics of the steps run."""
     history = []
     t_start = time.perf_counter()
     main_rank = distributed.is_main()
@@ -34,7 +62,7 @@ def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
     log = open(recipe.run_dir / "metrics.jsonl", "a") if main_rank else None
     try:
         with tqdm(total=total, initial=recipe.step, desc=desc, unit="step",
-                  disable=not (progress and main_rank)) as bar:
+                  disable=not (progress and main_rank)) as bar, stop_between_steps() as stop:
             while recipe.step < end:
                 metrics = recipe.train_step()
                 recipe.step += 1
@@ -45,8 +73,14 @@ def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
                     log.flush()
                 bar.set_postfix(postfix(metrics))
                 bar.update(1)
+                saved = None
                 if main_rank and (recipe.step % save_every == 0 or recipe.step == total):
-                    recipe.save()
+                    saved = recipe.save()
+                if stop:  # (one process only, so this is rank 0)
+                    bar.close()
+                    print(f"stopped at step {recipe.step} with checkpoint {saved or recipe.save()}: --resume "
+                          "continues", file=sys.stderr)
+                    raise KeyboardInterrupt
     finally:
         if log is not None:
             log.close()
