@@ -37,6 +37,9 @@ def test_help_on_every_verb(capsys):
             main([*verb, "--help"])
         assert exit_.value.code == 0
     assert "--set" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("realm-lm 0.")
 
 
 def test_missing_index_gives_exit_2(tmp_path, capsys):

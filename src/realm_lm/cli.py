@@ -326,7 +326,10 @@ def _from_finetuned(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="realm", description="REALM: retrieval-augmented language model pre-training")
+    parser.add_argument("--version", action="version", version=f"realm-lm {version('realm-lm')}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     data = verbs.add_parser("data", help="obtain the default data").add_subparsers(dest="action", required=True)
