@@ -160,3 +160,23 @@ def test_ctrl_c_saves_a_checkpoint_after_the_step_under_way(tmp_path):
                              text=True, cwd=tmp_path, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, steps[-1] + 3))
+
+
+def test_every_error_of_the_package_is_one_the_cli_reports_without_a_traceback():
+    """`realm` turns a RealmError into a message and exit code 2; an error class that forgot the base would reach the
+    user as a traceback."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import realm_lm
+    from realm_lm.errors import RealmError
+
+    found = []
+    for module in pkgutil.walk_packages(realm_lm.__path__, "realm_lm."):
+        if module.name.endswith("__main__"):
+            continue
+        for _, cls in inspect.getmembers(importlib.import_module(module.name), inspect.isclass):
+            if issubclass(cls, Exception) and cls.__module__ == module.name:
+                found.append(cls)
+    assert len(found) >= 16 and [c for c in found if not issubclass(c, RealmError)] == []

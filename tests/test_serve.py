@@ -14,12 +14,6 @@ from realm_lm.cli import main as realm_main
 from conftest import ROOT, tiny_overrides
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def call(url: str, body: dict | None = None) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -30,17 +24,26 @@ def call(url: str, body: dict | None = None) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_serve_answers_with_evidence_over_http_and_refuses_bad_questions(tmp_path):
+def test_serve_answers_with_evidence_over_http_and_refuses_bad_questions(tmp_path, capsys):
     sets = [x for o in tiny_overrides(tmp_path, "reader.top_k=4") for x in ("--set", o)]
     config = ["--config", str(ROOT / "configs" / "tiny.toml"), *sets]
     assert realm_main(["corpus", "build", *config]) == 0
     assert realm_main(["finetune", *config]) == 0
-    port = free_port()
+    with socket.socket() as taken:  # a port in use is refused before anything loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert realm_main(["serve", *config, "--from", str(tmp_path / "finetune"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     server = subprocess.Popen([sys.executable, "-m", "realm_lm.cli", "serve", *config, "--from", str(tmp_path / "finetune"),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
     try:
+        lines = []  # until "answering from RUN over STORE (N blocks) at http://HOST:PORT: ..." (or the server exits)
+        while not lines or not (lines[-1].startswith("answering from") or lines[-1] == ""):
+            lines.append(server.stdout.readline())
+        assert lines[-1].startswith("answering from"), "".join(lines)[-3000:]
+        base = lines[-1].split(" at ", 1)[1].split(": POST", 1)[0]  # --port 0: the port the system chose
         deadline = time.time() + 120
         while True:
             try:

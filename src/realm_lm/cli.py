@@ -10,8 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from realm_lm.artifacts import write_json_atomic
-from realm_lm.config import (FINETUNE_RETRIEVERS, MAX_ANSWERS, MAX_BLOCKS_READ, ConfigError, RunConfig, load_config,
+from realm_lm.config import (FINETUNE_RETRIEVERS, MAX_ANSWERS, MAX_BLOCKS_READ, RunConfig, load_config,
                              run_config)
+from realm_lm.errors import RealmError
 from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
@@ -273,7 +274,22 @@ def _stdin_lines(prompt: bool):
             return
 
 
+class PortUnavailableError(RealmError, OSError):
+    """`realm serve` cannot listen where it was asked to."""
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
+    import socket
+
+    # the address first: a port in use is said at once, not after the model has loaded, and --port 0 takes a free one
+    listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((args.host, args.port))
+    except OSError as err:
+        listener.close()
+        raise PortUnavailableError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); "
+                                   "choose another with --port (0: any free one)") from None
     import uvicorn
 
     from realm_lm.answer import Answerer
@@ -283,8 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     answerer = Answerer.from_run(args.from_run, cfg)
     app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store})
     print(f"answering from {args.from_run} over {cfg.corpus.store} ({len(answerer.store)} blocks) at "
-          f"http://{args.host}:{args.port}: POST /ask, GET /health, docs at /docs", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+          f"http://{args.host}:{listener.getsockname()[1]}: POST /ask, GET /health, docs at /docs", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -415,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("serve", help="answer questions with a fine-tuned run over HTTP (POST /ask, GET /health)")
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int_in(0, 65535), default=8000)
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="0: any free port (the one taken is printed)")
     _from_finetuned(p)
     p.set_defaults(func=cmd_serve)
     p = verbs.add_parser("plot", help="PNG of a run's metrics (loss, accuracy, retrieval utility, staleness)")
@@ -435,25 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from realm_lm.corpus.fetch import FetchError
-    from realm_lm.corpus.readers import CorpusInputError
-    from realm_lm.corpus.store import CorpusStoreError
-    from realm_lm.index.refresher import IndexBuilderError
-    from realm_lm.index.versioned import IndexCorruptError, IndexMismatchError, IndexNotFoundError
-    from realm_lm.models.pretrained import ModelNotFoundError
-    from realm_lm.corpus.questions import QaFileError
-    from realm_lm.retrieval import BadQuestionError
-
     args = build_parser().parse_args(argv)
-    from realm_lm.masking import NerUnavailableError
-    from realm_lm.train.checkpoint import CheckpointError, MetricsLogError, RunFolderTakenError
-    expected = (ConfigError, IndexBuilderError, NerUnavailableError, CheckpointError, FetchError, CorpusInputError,
-                CorpusStoreError, IndexNotFoundError, IndexMismatchError, IndexCorruptError, ModelNotFoundError,
-                BadQuestionError, QaFileError, MetricsLogError, RunFolderTakenError, FileNotFoundError)
     t0 = time.perf_counter()
     try:
         args.func(args)
-    except expected as err:
+    except (RealmError, FileNotFoundError) as err:  # what the user can act on: the message, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

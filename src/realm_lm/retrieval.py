@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from realm_lm.config import RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
+from realm_lm.errors import RealmError
 from realm_lm.index.build import build_index, index_is_current, tower_key
 from realm_lm.index.versioned import IndexMismatchError, load_index
 from realm_lm.models.embedder import Embedder, Retriever, build_retriever
@@ -26,7 +27,7 @@ RETRIEVERS = ("realm", "minilm-mean", "bm25")
 MAX_QUESTION_CHARS = 2000
 
 
-class BadQuestionError(ValueError):
+class BadQuestionError(RealmError, ValueError):
     pass
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from realm_lm.artifacts import sha256_file
+from realm_lm.errors import RealmError
 
 
-class FetchError(RuntimeError):
+class FetchError(RealmError, RuntimeError):
     pass
 
 

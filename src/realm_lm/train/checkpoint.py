@@ -21,9 +21,10 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from realm_lm.artifacts import staged_dir
+from realm_lm.errors import RealmError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RealmError, RuntimeError):
     pass
 
 
@@ -75,7 +76,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-class RunFolderTakenError(RuntimeError):
+class RunFolderTakenError(RealmError, RuntimeError):
     """A fresh run was started in a folder that holds another run's checkpoints."""
 
 
@@ -153,7 +154,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer | N
     return state
 
 
-class MetricsLogError(ValueError):
+class MetricsLogError(RealmError, ValueError):
     """A run's metrics.jsonl has a line that is not a step's metrics."""
 
 
