@@ -138,7 +138,9 @@ class IndexRefresher:
                 [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step),
                  str(os.getpid())],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)  # a Ctrl-C in the terminal is the trainer's to handle: it stops the builder
+                # a process group of its own: a Ctrl-C in the terminal is the trainer's to handle (it stops the
+                # builder); the same session, so the kernel shares the CPU between them as before (autogroups)
+                process_group=0)
         self.builder_started = time.perf_counter()
         self.schedule.last_started = step
         self.stats.refreshes_started += 1
