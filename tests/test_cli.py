@@ -97,8 +97,11 @@ def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert realm(tmp_path, "pretrain", "--set", "pretrain.steps=3") == 2
     assert "already holds a run (checkpoint step_0000003)" in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_text() == log_before and latest_checkpoint(run).name == "step_0000003"
-    assert realm(tmp_path, "pretrain", "--overwrite", "--set", "pretrain.steps=3") == 0
-    assert "step 3:" in capsys.readouterr().out
+    assert realm(tmp_path, "pretrain", "--overwrite", "--set", "pretrain.steps=1") == 0
+    assert "step 1:" in capsys.readouterr().out
+    # the old run's checkpoints are gone, not left beside the new run's (step 3 would outrank its step 1)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     png = tmp_path / "pretrain" / "metrics.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     log = tmp_path / "pretrain" / "metrics.jsonl"
