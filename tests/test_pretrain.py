@@ -224,6 +224,22 @@ def test_a_checkpoint_of_another_model_is_refused_even_when_loading_loosely(tmp_
         load_checkpoint(ckpt, tied, strict=False)
 
 
+def test_a_fresh_run_saving_over_a_longer_run_keeps_its_own_checkpoints(tmp_path):
+    """Rotation keeps the last checkpoints up to the step saved: a longer run's later ones, left in the folder by a
+    fresh start, used to outrank the new run's and rotate them out, LATEST included."""
+    from torch import nn
+
+    from realm_lm.train.checkpoint import save_checkpoint
+    model = nn.Linear(2, 2)
+    for step in (3, 4):  # the run that was there
+        save_checkpoint(tmp_path, step, model, None, {})
+    save_checkpoint(tmp_path, 1, model, None, {})  # a fresh run in the same folder
+    assert latest_checkpoint(tmp_path).name == "step_0000001"
+    save_checkpoint(tmp_path, 2, model, None, {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_0000001", "step_0000002"]
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+
+
 def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
     """A real `realm pretrain` process killed with SIGKILL after its first checkpoint; --resume completes the run."""
     overrides = tiny_overrides(tmp_path, "pretrain.steps=40", "pretrain.save_every=2", "refresh.mode=async",

@@ -63,7 +63,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, opt: torch
     tmp = folder / f".LATEST.tmp-{os.getpid()}"
     tmp.write_text(final.name)
     os.replace(tmp, folder / "LATEST")
-    for old in sorted(p for p in folder.glob("step_*") if p.is_dir())[:-keep]:
+    saved = sorted(p for p in folder.glob("step_*") if p.is_dir())
+    # the last `keep` up to this step; any later one is of a run this one replaced (a fresh start in its folder), and
+    # keeping it instead would rotate this run's own checkpoints out, LATEST with them
+    for old in [p for p in saved if p.name > final.name] + [p for p in saved if p.name <= final.name][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
