@@ -99,7 +99,7 @@ def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert (run / "metrics.jsonl").read_text() == log_before and latest_checkpoint(run).name == "step_0000003"
     assert realm(tmp_path, "pretrain", "--overwrite", "--set", "pretrain.steps=1") == 0
     assert "step 1:" in capsys.readouterr().out
-    # the old run's checkpoints are gone, not left beside the new run's (step 3 would outrank its step 1)
+    # the old run's checkpoints are gone from its first save, not left beside its own (step 3 would outrank step 1)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     png = tmp_path / "pretrain" / "metrics.png"

@@ -136,8 +136,8 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
 def _check_run_folder(args: argparse.Namespace, run_dir: str) -> None:
     """`ict`, `pretrain`, `finetune`: a fresh run into a folder holding a run is refused without --overwrite."""
     from realm_lm.train.checkpoint import check_fresh_start
-    if not args.resume:
-        check_fresh_start(run_dir, args.verb, args.overwrite)
+    if not (args.resume or args.overwrite):
+        check_fresh_start(run_dir, args.verb)
 
 
 def cmd_ict(args: argparse.Namespace) -> None:

@@ -83,19 +83,16 @@ class RunFolderTakenError(RealmError, RuntimeError):
     """A fresh run was started in a folder that holds another run's checkpoints."""
 
 
-def check_fresh_start(run_dir: str | Path, verb: str, overwrite: bool) -> None:
+def check_fresh_start(run_dir: str | Path, verb: str) -> None:
     """A fresh run replaces the checkpoints and the metrics log of a run already in its folder: `realm ict`,
     `pretrain` and `finetune` refuse it unless told (a rerun without --resume would silently undo hours of work).
-    Told, the old checkpoints go first: left there, one of a later step than the new run reaches would outlive it."""
+    Told, the old run's checkpoints stay until the new run saves its first (see save_checkpoint), so a new run that
+    fails on its input loses nothing."""
     ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return
-    if not overwrite:
+    if ckpt is not None:
         raise RunFolderTakenError(f"{run_dir} already holds a run (checkpoint {ckpt.name}): `realm {verb} --resume` "
                                   f"continues it, --overwrite starts a new one in its place (its checkpoints and "
                                   f"metrics log are replaced), or name another folder with --set {verb}.run_dir=...")
-    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)  # every rank may do it: nothing is saved yet
-    print(f"--overwrite: removed the checkpoints of the run in {run_dir} (last: {ckpt.name})", file=sys.stderr)
 
 
 def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
