@@ -334,6 +334,13 @@ def _corpus(p: argparse.ArgumentParser) -> None:
                                                       "its own index (a re-embedding, no retraining)")
 
 
+def _resume_or_overwrite(p: argparse.ArgumentParser) -> None:
+    """`ict`, `pretrain`, `finetune`: what to do with a run already in the run folder (see _check_run_folder)."""
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
+
+
 def _from_finetuned(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="from_run", metavar="RUN_DIR", required=True, help="a `realm finetune` run")
     p.add_argument("--corpus", metavar="STORE", help="another corpus store (`realm corpus build`): same model, its "
@@ -397,16 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("ict", help="Inverse Cloze Task warm start of the retriever")
     _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
+    _resume_or_overwrite(p)
     p.set_defaults(func=cmd_ict)
 
     p = verbs.add_parser("pretrain", help="REALM pre-training with asynchronous index refresh")
     _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
+    _resume_or_overwrite(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = verbs.add_parser("finetune", help="open-domain QA fine-tuning: query tower + span reader over a fixed index")
@@ -415,9 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a pre-training (retriever + encoder), ICT (retriever) or fine-tuning run; "
                         "'' = MiniLM (default: finetune.init_from)")
     p.add_argument("--retriever", choices=FINETUNE_RETRIEVERS, help="default: finetune.retriever")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run folder that holds a run (its checkpoints and metrics are replaced)")
+    _resume_or_overwrite(p)
     p.set_defaults(func=cmd_finetune)
     p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")
     _common(p)

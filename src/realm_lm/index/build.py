@@ -144,8 +144,10 @@ def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
                 donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
             except (OSError, ValueError):
                 continue
+            if donor_embeddings.shape[1] != dim:
+                continue
             donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
-            if donor_digests is None or donor_embeddings.shape[1] != dim:
+            if donor_digests is None:
                 continue
             rows = np.flatnonzero(~filled)  # each block is taken from the first version that holds it
             donor_rows = match_digests(digests[rows], donor_digests)  # [len(rows)]
