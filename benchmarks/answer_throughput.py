@@ -116,6 +116,25 @@ def synthetic(n_questions: int, workdir: Path) -> dict:
         answerer.precision = "fp32"
     answerer.reader = quantize_int8(reader)
     out["int8_b32"] = time_answers(answerer, questions, 32, K)
+    answerer.reader = reader
+    out |= compiled(answerer, questions, K, ("fp32", "bf16") if BF16_SILICON else ("fp32",))
+    return out
+
+
+def compiled(answerer: Answerer, questions: list[str], k: int, precisions: tuple[str, ...]) -> dict:
+    """The same answerer with its reader compiled (`Answerer.compile`, what `realm serve` and `realm eval qa` run
+    with reader.compile = true): the compile time, then batch 1 and 32 in each precision."""
+    t0 = time.perf_counter()
+    why_not = answerer.compile()
+    if why_not:
+        print(f"not compiled: {why_not}")
+        return {}
+    out = {"compile_s": round(time.perf_counter() - t0, 1)}
+    for precision in precisions:
+        answerer.precision = precision
+        out[f"compiled_{precision}_b1"] = time_answers(answerer, questions[:17], 1, k)
+        out[f"compiled_{precision}_b32"] = time_answers(answerer, questions, 32, k)
+    answerer.precision = "fp32"
     return out
 
 
@@ -128,9 +147,10 @@ def real(n_questions: int, precision: str) -> dict:
     answerer = Answerer(searcher, reader, cfg.reader, load_tokenizer(model_dir), dense=True, precision=precision)
     questions = [q.question for q in load_questions(cfg.eval.squad, "dev")[:n_questions + 32]]
     _, rows = searcher.search(questions[:64], cfg.reader.top_k)
-    return {"b1": time_answers(answerer, questions[:9], 1, cfg.reader.top_k),
-            "b32": time_answers(answerer, questions, 32, cfg.reader.top_k),
-            "block_tokens_median": float(np.median(store.lengths[rows.reshape(-1)])), "k": cfg.reader.top_k}
+    out = {"b1": time_answers(answerer, questions[:9], 1, cfg.reader.top_k),
+           "b32": time_answers(answerer, questions, 32, cfg.reader.top_k),
+           "block_tokens_median": float(np.median(store.lengths[rows.reshape(-1)])), "k": cfg.reader.top_k}
+    return out | compiled(answerer, questions, cfg.reader.top_k, (precision,))
 
 
 def reference(hf_python: str, n_questions: int) -> dict:
@@ -169,26 +189,40 @@ def main() -> None:
     if BF16_SILICON:
         rows.append([f"ours, batch 32, reader under bf16 autocast ({BF16_SILICON})", f"{mine['bf16_b32']['questions_per_s']:.2f}",
                      "-", "-", f"{mine['bf16_b32']['questions_per_s'] / ref['questions_per_s']:.2f}"])
+    for precision in ("fp32", "bf16"):  # the compiled reader (reader.compile: realm serve, realm eval qa)
+        for b in ("b1", "b32"):
+            if (m := mine.get(f"compiled_{precision}_{b}")):
+                rows.append([f"ours, batch {m['batch']}, reader compiled, {precision}", f"{m['questions_per_s']:.2f}",
+                             f"{m['median_call_s'] * 1e3:.0f}" if b == "b1" else "-",
+                             f"{m['questions_per_s'] * gflop / peak:.1%}" if precision == "fp32" else "-",
+                             f"{m['questions_per_s'] / ref['questions_per_s']:.2f}"])
     print(f"\nreference work: k = {K}, reader inputs {DOC_LEN + Q_LEN} wordpieces, {gflop:.1f} GFLOP/question; "
           f"fp32 peak {peak:.0f} GFLOP/s (2 threads)")
     print(markdown_table(["system", "questions/s", "latency ms (batch 1)", "MFU", "x reference"], rows))
     figures = {"peak_gflops": peak, "gflop_per_question": gflop, "ref.questions_per_s": ref["questions_per_s"],
                "ref.latency_ms": ref["median_latency_ms"], "ref.peak_rss_mb": ref["peak_rss_mb"],
                "ref.foreign_cores": ref["cpu"]["foreign_cores"],
-               **{f"ours.{b}.{k}": v for b in ("b1", "b32", "b32_read4", "int8_b32", "bf16_b32") if b in mine
-                  for k, v in mine[b].items()},
+               **{f"ours.{b}.{k}": v for b, m in mine.items() if isinstance(m, dict) for k, v in m.items()},
+               "ours.compile_s": mine.get("compile_s"),
                "ours.question_len_median": mine["question_len_median"],
                "ours.b32.mfu": mine["b32"]["questions_per_s"] * gflop / peak, "ours.b32.x_reference": ratio,
+               **({"ours.compiled_fp32_b32.mfu": mine["compiled_fp32_b32"]["questions_per_s"] * gflop / peak,
+                   "ours.compiled_fp32_b32.x_reference": mine["compiled_fp32_b32"]["questions_per_s"]
+                   / ref["questions_per_s"]} if "compiled_fp32_b32" in mine else {}),
                "ours.peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if mine_real:
         fp32 = mine_real["fp32"]
         print(f"\nreal corpus, default preset (MiniLM reader, k = {fp32['k']}, median block "
               f"{fp32['block_tokens_median']:.0f} wordpieces):")
-        print(markdown_table(["precision", "batch", "questions/s", "latency ms"],
-                             [[p, b["batch"], f"{b['questions_per_s']:.2f}", f"{b['median_call_s'] * 1e3:.0f}"]
-                              for p, m in mine_real.items() for b in (m["b1"], m["b32"])]))
+        print(markdown_table(["precision", "reader", "batch", "questions/s", "latency ms"],
+                             [[p, "compiled" if c else "as is", run["batch"], f"{run['questions_per_s']:.2f}",
+                               f"{run['median_call_s'] * 1e3:.0f}"]
+                              for p, m in mine_real.items() for c in ("", f"compiled_{p}_") for b in ("b1", "b32")
+                              if (run := m.get(c + b))]))
         for p, m in mine_real.items():  # fp32 keeps the keys it always had
-            figures |= {f"real{'' if p == 'fp32' else '_' + p}.{b}.{k}": v for b in ("b1", "b32") for k, v in m[b].items()}
+            figures |= {f"real{'' if p == 'fp32' else '_' + p}.{b}.{k}": v
+                        for b, run in m.items() if isinstance(run, dict) for k, v in run.items()}
+            figures[f"real{'' if p == 'fp32' else '_' + p}.compile_s"] = m.get("compile_s")
         figures["real.block_tokens_median"] = fp32["block_tokens_median"]
     print(f"\nwrote {write_results('answer_throughput', figures)}")
 

@@ -4,6 +4,7 @@ ask end to end on the tiny corpus, corpus swap, and bad input."""
 import io
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -294,8 +295,6 @@ def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path, read
 def test_a_finetune_over_an_old_run_folder_searches_an_index_of_its_own_doc_tower(tmp_path):
     """Fine-tuning retrieves from an index in its run folder. A new run written where an older one was (or started
     from a run trained further since) must not search the old weights' vectors, which a "version exists" test kept."""
-    from dataclasses import replace
-
     from realm_lm.index.versioned import read_manifest
     from realm_lm.models.embedder import weights_hash
     from realm_lm.train.ict import main as ict_main
@@ -393,6 +392,24 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     own = Answerer.from_run(run)
     assert own.store.folder == tmp_path / "corpus" and own.top_k == cfg.reader.top_k
     assert own.answer(["Who built Aldermoor?"], top_n=1)[0].answers[0].text == response.answers[0].text
+    # compiled (reader.compile: `realm serve`, large evaluations), in fp32: the same answers and probabilities
+    fp32 = Answerer.from_run(run, replace(cfg, runtime=replace(cfg.runtime, precision="fp32")))
+    questions = ["Who built Aldermoor?", "Where is Vessa?", "When was the harbour of Vessa rebuilt?"]
+    plain = fp32.answer(questions, top_n=3)
+    assert fp32.compile() is None
+    for a, b in zip(plain, fp32.answer(questions, top_n=3)):
+        assert [x.text for x in a.answers] == [x.text for x in b.answers]
+        assert [x.probability for x in a.answers] == pytest.approx([x.probability for x in b.answers], rel=1e-4)
+    # where compiling fails (no C++ compiler, ...) the reader stays as it was and says why
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no working C++ compiler found\nmore lines")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    own = Answerer.from_run(run)
+    assert own.compile() == "RuntimeError: no working C++ compiler found"
+    assert own.answer(["Who built Aldermoor?"], top_n=1)[0].answers[0].text == response.answers[0].text
+    monkeypatch.undo()
     assert realm("ask", "Who built Aldermoor?", "--from", run, "-n", "2") == 0
     out = capsys.readouterr().out
     assert "Q: Who built Aldermoor?" in out and "p=" in out and ">>" in out

@@ -43,6 +43,7 @@ def test_serve_answers_with_evidence_over_http_and_refuses_bad_questions(tmp_pat
         while not lines or not (lines[-1].startswith("answering from") or lines[-1] == ""):
             lines.append(server.stdout.readline())
         assert lines[-1].startswith("answering from"), "".join(lines)[-3000:]
+        assert any(line.startswith("compiled in ") for line in lines), "".join(lines)[-3000:]  # reader.compile
         base = lines[-1].split(" at ", 1)[1].split(": POST", 1)[0]  # --port 0: the port the system chose
         deadline = time.time() + 120
         while True:

@@ -142,7 +142,7 @@ class Answerer:
         kind = run_cfg.finetune.retriever
         searcher = make_searcher(trained_config(cfg, run_dir) if kind == "realm" else cfg, kind, store)
         reader_cfg = replace(run_cfg.reader, top_k=cfg.reader.top_k, batch_questions=cfg.reader.batch_questions,
-                             int8=cfg.reader.int8)
+                             int8=cfg.reader.int8, compile=cfg.reader.compile)
         device = resolve_device(cfg.runtime)
         precision = cfg.runtime.precision
         if reader_cfg.int8:
@@ -154,6 +154,22 @@ class Answerer:
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
         return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=precision,
                    retrieval_scale=scale)
+
+    def compile(self) -> str | None:
+        """Compile the reader's encoder with torch.compile, shapes dynamic (one compilation serves every block length
+        and batch), and run one question through it now, so that the first real one does not wait. It takes 5-20 s
+        once and then reads faster (answer_throughput): worth it for many questions, not for one. None when
+        compiled, else why not; the reader then stays as it was."""
+        if not isinstance(self.reader.start_proj, torch.nn.Linear):  # torch.ao's dynamic int8 Linear is not one
+            return "the int8 reader is not compiled"
+        bert = self.reader.bert
+        bert.forward = torch.compile(bert.forward, dynamic=True)  # an instance attribute: deleting it undoes this
+        try:
+            self.answer(["which question warms the compiled reader up?"], top_n=1)
+        except Exception as err:  # no C++ compiler, an op the compiler lacks, ...: answering must still work
+            del bert.forward
+            return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        return None
 
     def retrieve(self, questions: Sequence[str], k: int,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from realm_lm.errors import RealmError
 from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
+COMPILE_MIN_QUESTIONS = 1000  # `realm eval qa` compiles the reader (reader.compile) for this many questions or more
 
 
 def int_in(low: int, high: int | None = None):
@@ -209,6 +210,8 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     cfg = _answering_config(args)
     answerer = Answerer.from_run(args.from_run, cfg)
     questions = _questions(cfg, args)
+    # compiling costs seconds once and saves a share of each question's reading: paid back over many questions only
+    compile_s = _compile_reader(answerer, f"{len(questions)} questions") if len(questions) >= COMPILE_MIN_QUESTIONS else None
     name = Path(args.questions).stem if args.questions else args.split
     out = Path(args.predictions or Path(args.from_run) / f"predictions-{name}.jsonl")
     regex = args.regex or cfg.eval.regex_answers
@@ -223,8 +226,25 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
         **result, "run": str(args.from_run), "questions": args.questions or f"open-squad {args.split}",
         "limit": args.limit, "top_k": answerer.top_k, "retriever": "realm" if answerer.dense else "bm25",
         "precision": resolve_precision(answerer.reader.device, answerer.precision), "int8": cfg.reader.int8,
+        "compiled": compile_s is not None, "compile_s": compile_s,
         "regex": regex, "corpus": cfg.corpus.store, "predictions": str(out), **machine_figures()})
     print(f"predictions: {out}\nmetrics: {metrics}")
+
+
+def _compile_reader(answerer, what: str) -> float | None:
+    """With reader.compile, the answerer's reader compiled (saying so on stderr) before it answers ``what``; the
+    seconds it took, or None when it is not compiled."""
+    if not answerer.reader_cfg.compile:
+        return None
+    print(f"compiling the reader for {what} (once; reader.compile = false skips this) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    why_not = answerer.compile()
+    if why_not:
+        print(f"the reader is not compiled ({why_not}); it answers as it is", file=sys.stderr)
+        return None
+    seconds = round(time.perf_counter() - t0, 1)
+    print(f"compiled in {seconds:.0f} s", file=sys.stderr)
+    return seconds
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -297,6 +317,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = _answering_config(args)
     answerer = Answerer.from_run(args.from_run, cfg)
+    _compile_reader(answerer, "serving")
     app = create_app(answerer, {"run": str(args.from_run), "corpus": cfg.corpus.store})
     print(f"answering from {args.from_run} over {cfg.corpus.store} ({len(answerer.store)} blocks) at "
           f"http://{args.host}:{listener.getsockname()[1]}: POST /ask, GET /health, docs at /docs", flush=True)
