@@ -25,7 +25,7 @@ def call(url: str, body: dict | None = None) -> tuple[int, dict]:
 
 
 def test_serve_answers_with_evidence_over_http_and_refuses_bad_questions(tmp_path, capsys):
-    sets = [x for o in tiny_overrides(tmp_path, "reader.top_k=4") for x in ("--set", o)]
+    sets = [x for o in tiny_overrides(tmp_path, "reader.top_k=4", "reader.compile=true") for x in ("--set", o)]
     config = ["--config", str(ROOT / "configs" / "tiny.toml"), *sets]
     assert realm_main(["corpus", "build", *config]) == 0
     assert realm_main(["finetune", *config]) == 0

@@ -16,7 +16,6 @@ from realm_lm.errors import RealmError
 from realm_lm.report import machine_figures, markdown_table, print_hits
 
 DEFAULT_CONFIG = "configs/open_squad.toml"
-COMPILE_MIN_QUESTIONS = 1000  # `realm eval qa` compiles the reader (reader.compile) for this many questions or more
 
 
 def int_in(low: int, high: int | None = None):
@@ -210,8 +209,7 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     cfg = _answering_config(args)
     answerer = Answerer.from_run(args.from_run, cfg)
     questions = _questions(cfg, args)
-    # compiling costs seconds once and saves a share of each question's reading: paid back over many questions only
-    compile_s = _compile_reader(answerer, f"{len(questions)} questions") if len(questions) >= COMPILE_MIN_QUESTIONS else None
+    compile_s = _compile_reader(answerer, f"{len(questions)} questions")
     name = Path(args.questions).stem if args.questions else args.split
     out = Path(args.predictions or Path(args.from_run) / f"predictions-{name}.jsonl")
     regex = args.regex or cfg.eval.regex_answers
@@ -236,7 +234,7 @@ def _compile_reader(answerer, what: str) -> float | None:
     seconds it took, or None when it is not compiled."""
     if not answerer.reader_cfg.compile:
         return None
-    print(f"compiling the reader for {what} (once; reader.compile = false skips this) ...", file=sys.stderr, flush=True)
+    print(f"compiling the reader for {what} (reader.compile) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     why_not = answerer.compile()
     if why_not:

@@ -194,9 +194,9 @@ class ReaderConfig:
     batch_questions: int = 1  # questions per reader forward at inference (k rows: the fastest on a 2-core CPU, see
     # answer_throughput; larger on a GPU)
     int8: bool = False  # inference only: the reader's linear layers in dynamic int8 (faster on CPU; see answer_throughput)
-    # inference only: `realm serve`, and `realm eval qa` on at least COMPILE_MIN_QUESTIONS questions, compile the
-    # reader's encoder (torch.compile) before answering: seconds once, then faster reading (see answer_throughput)
-    compile: bool = True
+    # inference only: `realm serve` and `realm eval qa` compile the reader's encoder (torch.compile) before answering:
+    # about 10 s once; faster on long fixed-length inputs, not measurably on the real corpus (see answer_throughput)
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check("reader", self, at_least={"top_k": 1, "max_len": 8, "question_len": 1, "span_hidden": 1,
