@@ -44,6 +44,35 @@ def test_torchrun_two_ranks_ict_and_finetune(tmp_path):
     assert "after.ict_recall@1" in json.loads((tmp_path / "ict" / "ict_eval.json").read_text())
 
 
+def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):
+    """A scheduler's SIGTERM (or a Ctrl-C) reaches torchrun, which passes it on to each rank at its own moment: the
+    ranks agree to stop after the same step, rank 0 saves it, and all leave before torchrun's 30 s grace ends."""
+    import signal
+    import time
+
+    from realm_lm.train.checkpoint import latest_checkpoint
+
+    overrides = tiny_overrides(tmp_path, "ict.steps=400", "ict.save_every=1000")
+    build_corpus(load_config(ROOT / "configs" / "tiny.toml", overrides))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "realm_lm.cli", "ict", "--config", str(ROOT / "configs" / "tiny.toml"),
+           *[x for o in overrides for x in ("--set", o)]]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "ict" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, err = launcher.communicate(timeout=120)
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert 3 <= steps[-1] < 400, err[-3000:]
+    assert latest_checkpoint(tmp_path / "ict").name == f"step_{steps[-1]:07d}", err[-3000:]
+    assert f"stopped at step {steps[-1]} with checkpoint" in err
+    assert "forcefully exiting" not in err and time.time() - sent < 30  # no rank waited for torchrun's SIGKILL
+
+
 def _gather_worker(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 

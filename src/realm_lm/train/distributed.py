@@ -21,7 +21,8 @@ def init() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():  # one GPU per rank: "cuda" then means this rank's own
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # on GPUs, CUDA tensors go over nccl and the CPU ones (metrics, the stop flag) over gloo: nccl has no CPU path
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
 @contextmanager
@@ -54,6 +55,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank; every rank gets the same answer (one small message)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def broadcast_parameters(model: nn.Module) -> None:

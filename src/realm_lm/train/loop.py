@@ -26,26 +26,33 @@ class Recipe(Protocol):
 
 
 @contextlib.contextmanager
-def stop_between_steps() -> Iterator[list[bool]]:
-    """The first Ctrl-C (SIGINT) lets the step under way finish and then stops the loop, so the checkpoint saved
-    holds whole weights and optimizer state; a second one interrupts at once. Yields a list that becomes non-empty
-    once a stop is asked for. Only in a single process's main thread: under torchrun the launcher handles signals."""
-    requested: list[bool] = []
-    if distributed.world_size() > 1 or threading.current_thread() is not threading.main_thread():
-        yield requested
+def stop_between_steps() -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C (SIGINT) or SIGTERM lets the step under way finish and then stops the loop, so the
+    checkpoint saved holds whole weights and optimizer state; a second one stops at once. Under torchrun the
+    launcher passes either signal on to every rank, each at its own moment, so the ranks agree after every step
+    (one all-reduce of a flag) and all stop after the same one. Yields the function that every rank calls once a
+    step: whether to stop now."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # Python runs signal handlers in the main thread
+        yield lambda: distributed.any_rank(False)
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def ask_to_stop(signum, frame) -> None:
-        requested.append(True)
-        signal.signal(signal.SIGINT, previous)
-        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+        requested.append(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if distributed.is_main():
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{name}: stopping after this step, with a checkpoint (again: stop at once)", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, ask_to_stop)
+    for sig in previous:
+        signal.signal(sig, ask_to_stop)
     try:
-        yield requested
+        yield lambda: distributed.any_rank(bool(requested))
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
@@ -53,7 +60,7 @@ def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
               progress: bool = True) -> list[dict[str, Any]]:
     """Step ``recipe`` from its ``step`` to ``end`` (default ``total``). Rank 0 appends every step's metrics to
     RUN_DIR/metrics.jsonl as it goes (a kill loses nothing logged) and saves a checkpoint every ``save_every``
-    steps and at ``total``. Ctrl-C saves one after the step under way and raises KeyboardInterrupt.
+    steps and at ``total``. Ctrl-C or SIGTERM saves one after the step under way and raises KeyboardInterrupt.
     Returns the metrics of the steps run."""
     history = []
     t_start = time.perf_counter()
@@ -62,7 +69,7 @@ def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
     log = open(recipe.run_dir / "metrics.jsonl", "a") if main_rank else None
     try:
         with tqdm(total=total, initial=recipe.step, desc=desc, unit="step",
-                  disable=not (progress and main_rank)) as bar, stop_between_steps() as stop:
+                  disable=not (progress and main_rank)) as bar, stop_between_steps() as should_stop:
             while recipe.step < end:
                 metrics = recipe.train_step()
                 recipe.step += 1
@@ -73,13 +80,16 @@ def run_steps(recipe: Recipe, total: int, save_every: int, desc: str,
                     log.flush()
                 bar.set_postfix(postfix(metrics))
                 bar.update(1)
+                stopping = should_stop()  # every rank, every step: they must stop after the same one
                 saved = None
-                if main_rank and (recipe.step % save_every == 0 or recipe.step == total):
+                if main_rank and (recipe.step % save_every == 0 or recipe.step == total or stopping):
                     saved = recipe.save()
-                if stop:  # (one process only, so this is rank 0)
+                if stopping:
                     bar.close()
-                    print(f"stopped at step {recipe.step} with checkpoint {saved or recipe.save()}: --resume "
-                          "continues", file=sys.stderr)
+                    distributed.barrier()  # the ranks leave together, once rank 0 has saved
+                    if main_rank:
+                        print(f"stopped at step {recipe.step} with checkpoint {saved}: --resume continues",
+                              file=sys.stderr)
                     raise KeyboardInterrupt
     finally:
         if log is not None:
