@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -479,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once (rank 0), not once a rank
+            print("interrupted", file=sys.stderr)
         return 130
     if args.verb == "demo":
         print(f"\n(done in {time.perf_counter() - t0:.0f}s)")
