@@ -28,6 +28,9 @@ def test_end_to_end(tmp_path, capsys):
     assert out.count("  [") == 3 and "Q: who built the tower" in out
     assert realm(tmp_path, "retrieve", "who built the tower", "-k", "2", "--retriever", "bm25") == 0
     assert "Q: who built" in capsys.readouterr().out
+    # nothing for BM25 to search for: an error, not blocks that all scored 0
+    assert realm(tmp_path, "retrieve", "??? of the", "-k", "2", "--retriever", "bm25") == 2
+    assert "has no word BM25 can search for" in capsys.readouterr().err
 
 
 def test_help_on_every_verb(capsys):

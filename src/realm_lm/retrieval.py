@@ -121,7 +121,12 @@ class Bm25Searcher:
         self.model.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
 
     def search(self, questions: Sequence[str], k: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        tokens = self.bm25s.tokenize([check_question(x) for x in questions], stopwords="en", show_progress=False)
+        questions = [check_question(x) for x in questions]
+        tokens = self.bm25s.tokenize(questions, stopwords="en", show_progress=False)
+        for question, terms in zip(questions, tokens.ids):
+            if not terms:  # BM25 would score every block 0 and return arbitrary ones
+                raise BadQuestionError(f"the question {question[:80]!r} has no word BM25 can search for (only stop "
+                                       f"words, punctuation or symbols)")
         rows, scores = self.model.retrieve(tokens, k=min(k, len(self.store)), show_progress=progress, n_threads=1)
         return scores.astype(np.float32), rows.astype(np.int64)
 
