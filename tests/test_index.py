@@ -225,3 +225,89 @@ def test_digest_matching_agrees_with_a_dict():
     assert ((got >= 0) == (expected >= 0)).all()
     assert (donor[got[got >= 0]] == wanted[got >= 0]).all()  # any donor row with the same digest will do
     assert (match_digests(wanted, donor[:0]) == -1).all()
+
+
+def _embedding_stops_at_batch(doc, batch: int, stop):
+    """``doc`` (a document tower) calls ``stop()`` instead of embedding its ``batch``-th batch (1-based); returns the
+    list of batch sizes it embedded."""
+    embedded, forward = [], doc.forward
+
+    def counting_forward(ids, mask):
+        if len(embedded) + 1 == batch:
+            stop()
+        embedded.append(len(ids))
+        return forward(ids, mask)
+
+    doc.forward = counting_forward
+    return embedded
+
+
+def test_a_build_stopped_by_ctrl_c_is_resumed_not_restarted(tiny_cfg, tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    from realm_lm.index import build
+    from realm_lm.models.embedder import build_retriever
+
+    build_corpus(tiny_cfg)
+    n = len(CorpusStore(tiny_cfg.corpus.store))
+    monkeypatch.setattr(build, "SAVE_UNFINISHED_EVERY_S", 1e9)  # only the save on the way out
+    doc = build_retriever(tiny_cfg.embedder).doc
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    before = _embedding_stops_at_batch(doc, 3, ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tiny_cfg, doc_embedder=doc)
+    assert latest_version(tiny_cfg.index.dir) is None and len(before) == 2 and sum(before) < n
+    assert f"the {sum(before)} blocks embedded so far are kept in" in capsys.readouterr().err
+    [(part, manifest)] = build.unfinished_parts(tiny_cfg.index.dir)
+    assert manifest["n_rows"] == sum(before)
+
+    del doc.forward
+    after = _embedding_stops_at_batch(doc, 0, lambda: None)  # counts only
+    m = read_manifest(tiny_cfg.index.dir, build_index(tiny_cfg, progress=False, doc_embedder=doc))
+    assert m["rows_resumed"] == sum(before) and m["rows_embedded"] == sum(after) == n - sum(before)
+    assert m["reused_from"] == [] and not (Path(tiny_cfg.index.dir) / build.UNFINISHED).exists()
+
+    whole = replace(tiny_cfg, index=replace(tiny_cfg.index, dir=str(tmp_path / "whole" / "index")))
+    fresh = read_manifest(whole.index.dir, build_index(whole, progress=False))
+    assert fresh["rows_embedded"] == n and fresh["rows_resumed"] == 0
+    resumed = np.load(Path(tiny_cfg.index.dir) / "versions" / m["version"] / "embeddings.npy")
+    np.testing.assert_allclose(resumed, np.load(Path(whole.index.dir) / "versions" / fresh["version"]
+                                                / "embeddings.npy"), atol=1e-5)  # [N, D]
+
+
+def test_a_killed_build_leaves_what_it_saved_and_other_weights_do_not_take_it(tiny_cfg, monkeypatch):
+    """SIGKILL: no Python runs on the way out, so only the parts saved as the build went are left."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from realm_lm.index import build
+
+    build_corpus(tiny_cfg)
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import ROOT, tiny_overrides
+from test_index import _embedding_stops_at_batch
+from realm_lm.config import load_config
+from realm_lm.index import build
+from realm_lm.models.embedder import build_retriever
+from pathlib import Path
+cfg = load_config(ROOT / "configs" / "tiny.toml", tiny_overrides(Path({str(Path(tiny_cfg.index.dir).parent)!r})))
+build.SAVE_UNFINISHED_EVERY_S = 0.0  # a part after every batch
+doc = build_retriever(cfg.embedder).doc
+_embedding_stops_at_batch(doc, 3, lambda: os.kill(os.getpid(), signal.SIGKILL))
+build.build_index(cfg, progress=False, doc_embedder=doc)
+"""
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    parts = list(build.unfinished_parts(tiny_cfg.index.dir))
+    assert len(parts) == 2 and latest_version(tiny_cfg.index.dir) is None  # one part a batch, nothing published
+
+    other = replace(tiny_cfg, embedder=replace(tiny_cfg.embedder, seed=tiny_cfg.embedder.seed + 1))  # other weights
+    m = read_manifest(other.index.dir, build_index(other, progress=False))
+    assert m["rows_resumed"] == 0 and m["rows_embedded"] == len(CorpusStore(tiny_cfg.corpus.store))
+    assert not list(build.unfinished_parts(tiny_cfg.index.dir))  # a build that publishes clears them

@@ -105,9 +105,10 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     version = build_index(cfg)
     m = read_manifest(cfg.index.dir, version)
     reused = m["n_rows"] - m["rows_embedded"]
+    resumed = f", {m['rows_resumed']} of them by a build that stopped" if m["rows_resumed"] else ""
     print(f"index {cfg.index.dir} version {version}: {m['n_rows']} x {m['dim']} ({m['backend']}), "
           f"{m['rows_embedded']} blocks embedded in {m['embed_seconds']:.1f}s"
-          f"{f' ({reused} reused: the same blocks embedded by the same weights before)' if reused else ''}, "
+          f"{f' ({reused} reused: the same blocks embedded by the same weights before{resumed})' if reused else ''}, "
           f"built in {m['index_build_seconds']:.1f}s")
 
 

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from realm_lm.artifacts import staged_dir
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore, CorpusStoreError
 from realm_lm.index.backends import make_index
 from realm_lm.index.versioned import block_ids_hash, kept_versions, latest_version, publish, read_manifest
 from realm_lm.models.embedder import Embedder, build_retriever, weights_hash
 from realm_lm.runtime import autocast, resolve_device
+
+UNFINISHED = "unfinished"  # INDEX_DIR/unfinished/part-*: blocks embedded by a build that stopped before it published
+SAVE_UNFINISHED_EVERY_S = 60.0  # so a build that is killed loses at most this much embedding
 
 
 def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]:
@@ -34,24 +43,33 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]
         start += rows
 
 
-@torch.inference_mode()
+def embed_batches(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_tokens: int,
+                  rows: np.ndarray, pooled: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in ``rows`` [B], their embeddings [B, D] float32), batch after batch of similar lengths, until
+    every one of ``rows`` (rows of ``tokens`` [N, L] with true lengths ``lengths`` [N]) is embedded once."""
+    embedder.eval()
+    encode = embedder.pool if pooled else embedder
+    for batch in length_batches(lengths[rows], max_tokens):
+        batch = np.sort(batch)  # ascending rows read the memory-mapped matrix in order
+        picked = rows[batch]
+        width = int(lengths[picked].max())
+        ids = torch.from_numpy(np.ascontiguousarray(tokens[picked, :width])).long()  # [B, W]
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[picked])[:, None]).long()  # [B, W]
+        with torch.inference_mode():
+            embedded = encode(ids, mask).float().cpu().numpy()
+        yield batch, embedded
+
+
 def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_tokens: int,
                desc: str = "embedding blocks", progress: bool = True, pooled: bool = False,
                rows: np.ndarray | None = None) -> np.ndarray:
     """Embeddings [N, D] float32 of token rows ``tokens`` [N, L] with true lengths ``lengths`` [N] (only ``rows``,
     ascending, when given: [len(rows), D]); with ``pooled``, the tower's pooled outputs before its projection."""
-    embedder.eval()
-    encode = embedder.pool if pooled else embedder
     rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), embedder.hidden if pooled else embedder.dim), dtype=np.float32)
     with tqdm(total=len(rows), desc=desc, unit="block", disable=not progress, smoothing=0.05) as bar:
-        for batch in length_batches(lengths[rows], max_tokens):
-            batch = np.sort(batch)  # ascending rows read the memory-mapped matrix in order
-            picked = rows[batch]
-            width = int(lengths[picked].max())
-            ids = torch.from_numpy(np.ascontiguousarray(tokens[picked, :width])).long()  # [B, W]
-            mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[picked])[:, None]).long()  # [B, W]
-            out[batch] = encode(ids, mask).float().cpu().numpy()
+        for batch, embedded in embed_batches(embedder, tokens, lengths, max_tokens, rows, pooled):
+            out[batch] = embedded
             bar.update(len(batch))
     return out
 
@@ -128,39 +146,107 @@ def match_digests(wanted: np.ndarray, donor: np.ndarray) -> np.ndarray:
     return np.where(same, candidate, -1)
 
 
-def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int,
-                           folders: list[Path]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (:func:`block_digests`) that a kept version of one of
-    ``folders`` already holds, embedded by the same tower from the same wordpieces (a corpus with documents added
-    or changed: only those are embedded again); the mask [N] of rows filled, and the versions they came from."""
+def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int, sources: Iterable[tuple[Path, dict]]
+                           ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (:func:`block_digests`) that one of ``sources``
+    (kept versions, or the parts of an unfinished build: folder and manifest) already holds, embedded by the same
+    tower from the same wordpieces (a corpus with documents added or changed: only those are embedded again); the
+    mask [N] of rows filled, and how many rows each source gave."""
     embeddings = np.zeros((len(digests), dim), dtype=np.float32)
     filled = np.zeros(len(digests), dtype=bool)
-    donors: list[str] = []
-    for folder in folders:
-        for path, manifest in kept_versions(folder):
-            if _tower_of(manifest) != tower or manifest.get("dim") != dim:
-                continue
-            try:
-                donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
-            except (OSError, ValueError):
-                continue
-            if donor_embeddings.shape[1] != dim:
-                continue
-            donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
-            if donor_digests is None:
-                continue
-            rows = np.flatnonzero(~filled)  # each block is taken from the first version that holds it
-            donor_rows = match_digests(digests[rows], donor_digests)  # [len(rows)]
-            found = donor_rows >= 0
-            if found.any():
-                rows, donor_rows = rows[found], donor_rows[found]
-                order = np.argsort(donor_rows)  # ascending rows read the memory-mapped donor in order
-                embeddings[rows[order]] = donor_embeddings[donor_rows[order]]
-                filled[rows] = True
-                donors.append(str(path))
-            if filled.all():
-                return embeddings, filled, donors
-    return embeddings, filled, donors
+    taken: dict[str, int] = {}
+    for path, manifest in sources:
+        if _tower_of(manifest) != tower or manifest.get("dim") != dim:
+            continue
+        try:
+            donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
+        except (OSError, ValueError):
+            continue
+        if donor_embeddings.ndim != 2 or donor_embeddings.shape[1] != dim:
+            continue
+        donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
+        if donor_digests is None:
+            continue
+        rows = np.flatnonzero(~filled)  # each block is taken from the first source that holds it
+        donor_rows = match_digests(digests[rows], donor_digests)  # [len(rows)]
+        found = donor_rows >= 0
+        if found.any():
+            rows, donor_rows = rows[found], donor_rows[found]
+            order = np.argsort(donor_rows)  # ascending rows read the memory-mapped donor in order
+            embeddings[rows[order]] = donor_embeddings[donor_rows[order]]
+            filled[rows] = True
+            taken[str(path)] = len(rows)
+        if filled.all():
+            break
+    return embeddings, filled, taken
+
+
+def unfinished_parts(index_dir: str | Path) -> Iterator[tuple[Path, dict]]:
+    """Folder and manifest of each part that a build of ``index_dir`` saved before it was stopped (laid out like a
+    version: embeddings.npy, block_digests.npy, manifest.json), so the next build takes its blocks like a kept
+    version's. A part whose manifest is unreadable is skipped."""
+    folder = Path(index_dir) / UNFINISHED
+    for path in sorted(folder.glob("part-*")) if folder.is_dir() else []:
+        try:
+            yield path, json.loads((path / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+
+
+def save_unfinished_part(index_dir: str | Path, embeddings: np.ndarray, digests: np.ndarray, tower: tuple) -> None:
+    """Save ``embeddings`` [n, D] of the blocks with ``digests`` [n, 16] as a part of ``index_dir``'s unfinished
+    build, atomically. Best effort: a part that cannot be written costs a later build only its re-embedding."""
+    weights_sha256, pooling, proj_dim = tower
+    final = Path(index_dir) / UNFINISHED / f"part-{time.time_ns()}-{os.getpid()}"
+    manifest = {"embedder_weights_sha256": weights_sha256, "config": {"embedder": {"pooling": pooling,
+                                                                                   "proj_dim": proj_dim}},
+                "dim": int(embeddings.shape[1]), "n_rows": len(embeddings)}
+    try:
+        with staged_dir(final) as staging:
+            np.save(staging / "embeddings.npy", embeddings)
+            np.save(staging / "block_digests.npy", digests)
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    except OSError as err:  # disk full, or the folder cleared by a builder that published meanwhile
+        print(f"warning: could not save the blocks embedded so far in {final.parent}: {err}", file=sys.stderr)
+
+
+def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndarray, digests: np.ndarray,
+                       max_tokens: int, tower: tuple, save_to: str | Path | None, progress: bool) -> np.ndarray:
+    """Embeddings [len(rows), D] of the blocks ``rows`` (ascending). With ``save_to`` (the index folder), what is
+    embedded is saved there as a part of an unfinished build every SAVE_UNFINISHED_EVERY_S seconds and when the
+    build stops on an error or Ctrl-C: the next build resumes from those blocks instead of embedding them again."""
+    out = np.empty((len(rows), doc_embedder.dim), dtype=np.float32)
+    unsaved: list[np.ndarray] = []  # positions in rows embedded since the last part
+    last_save = time.monotonic()
+
+    def save() -> None:
+        nonlocal last_save
+        if save_to is not None and unsaved:
+            done = np.sort(np.concatenate(unsaved))
+            save_unfinished_part(save_to, out[done], digests[rows[done]], tower)
+        unsaved.clear()
+        last_save = time.monotonic()
+
+    def kept_so_far() -> int:  # by this build and the stopped ones it went on from
+        parts = unfinished_parts(save_to) if save_to is not None else ()
+        return sum(manifest.get("n_rows", 0) for _, manifest in parts if _tower_of(manifest) == tower)
+
+    try:
+        with tqdm(total=len(rows), desc="embedding blocks", unit="block", disable=not progress,
+                  smoothing=0.05) as bar:
+            for batch, embedded in embed_batches(doc_embedder, store.tokens, store.lengths, max_tokens, rows):
+                out[batch] = embedded
+                unsaved.append(batch)
+                bar.update(len(batch))
+                if time.monotonic() - last_save >= SAVE_UNFINISHED_EVERY_S:
+                    save()
+    except BaseException:
+        save()
+        if progress and (kept := kept_so_far()):
+            print(f"the {kept} blocks embedded so far are kept in {Path(save_to) / UNFINISHED}: the next build of "
+                  f"this index goes on from them", file=sys.stderr)
+        raise
+    return out
 
 
 def index_is_current(index_dir: str | Path, key: str) -> bool:
@@ -171,24 +257,32 @@ def index_is_current(index_dir: str | Path, key: str) -> bool:
 
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,
                 doc_embedder: Embedder | None = None, store: CorpusStore | None = None,
-                reuse_from: tuple[str | Path, ...] = ()) -> str:
+                reuse_from: tuple[str | Path, ...] = (), resumable: bool = True) -> str:
     """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes) and publish a
     new version to ``cfg.index.dir``. A given tower embeds where it lies; the default one on ``cfg.runtime``'s
     device. Blocks that a kept version of the same tower already embedded (this corpus or another sharing them,
-    in that folder, beside it or in the ``reuse_from`` folders: a fine-tuning run's starting index) are reused."""
+    in that folder, beside it or in the ``reuse_from`` folders: a fine-tuning run's starting index) are reused.
+    ``resumable``: save the blocks embedded so far as the build goes, and take those an earlier build of this
+    folder saved before it was killed or interrupted (the refresher's builds are of weights no later build shares)."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
     doc_hash = weights_hash(doc_embedder)
     t0 = time.perf_counter()
     digests = block_digests(store)  # [N, 16]
     tower = (doc_hash, cfg.embedder.pooling, cfg.embedder.proj_dim)
-    embeddings, filled, donors = reuse_identical_blocks(digests, tower, doc_embedder.dim,
-                                                        _donor_folders(cfg.index.dir, reuse_from))
+    folders = _donor_folders(cfg.index.dir, reuse_from)
+    sources = itertools.chain(itertools.chain.from_iterable(kept_versions(f) for f in folders),
+                              unfinished_parts(cfg.index.dir) if resumable else ())
+    embeddings, filled, taken = reuse_identical_blocks(digests, tower, doc_embedder.dim, sources)
+    resumed = sum(n for path, n in taken.items() if Path(path).parent.name == UNFINISHED)
+    if resumed and progress:
+        print(f"resuming a build that stopped: {resumed} of {len(store)} blocks were embedded by it", file=sys.stderr)
     missing = np.flatnonzero(~filled)
     if len(missing):
         with autocast(doc_embedder.device, cfg.runtime.precision):
-            embeddings[missing] = embed_rows(doc_embedder, store.tokens, store.lengths, cfg.index.embed_batch_tokens,
-                                             progress=progress, rows=missing)
+            embeddings[missing] = embed_saving_parts(doc_embedder, store, missing, digests,
+                                                     cfg.index.embed_batch_tokens, tower,
+                                                     cfg.index.dir if resumable else None, progress)
     embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     index = make_index(cfg.index)
@@ -206,9 +300,12 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "embedding_key": embedding_key(store.corpus_hash, doc_hash, cfg),
         "embeddings_reused": len(missing) == 0,  # every row taken from an earlier version, none embedded
         "rows_embedded": int(len(missing)),
-        "reused_from": donors,  # the versions that gave their identical blocks
+        "rows_resumed": resumed,  # taken from a build of this folder that stopped before it published
+        "reused_from": [path for path in taken if Path(path).parent.name != UNFINISHED],  # versions that gave theirs
         "embed_seconds": round(embed_s, 3),
         "index_build_seconds": round(build_s, 3),
         "config": config_to_dict(cfg),
     }
-    return publish(cfg.index.dir, embeddings, index, manifest, keep=cfg.refresh.keep, block_digests=digests)
+    version = publish(cfg.index.dir, embeddings, index, manifest, keep=cfg.refresh.keep, block_digests=digests)
+    shutil.rmtree(Path(cfg.index.dir) / UNFINISHED, ignore_errors=True)  # every part is in the version now
+    return version

@@ -192,7 +192,7 @@ def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int) -> str:
     doc = build_retriever(replace(cfg.embedder, checkpoint="")).doc
     load_model(doc, str(snapshot))
     doc.to(resolve_device(cfg.runtime))
-    return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc)
+    return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc, resumable=False)
 
 
 def exit_with_trainer(trainer_pid: int, poll_s: float = 0.2) -> None:

@@ -5,6 +5,7 @@
     index_dir/LATEST               "v000003" (replaced atomically after the version folder is in place)
     index_dir/versions/v000003/    embeddings.npy [N, D], faiss.index (faiss backends), manifest.json,
                                    block_digests.npy [N, 16] (what each row embedded)
+    index_dir/unfinished/part-*/   the same files for the blocks a build embedded before it stopped (index.build)
 
 A manifest records the corpus hash and a hash of the block-id map, the hash of the embedder weights that
 made the embeddings (and the training step they came from), the resolved config and the creation time.
