@@ -396,10 +396,18 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     fp32 = Answerer.from_run(run, replace(cfg, runtime=replace(cfg.runtime, precision="fp32")))
     questions = ["Who built Aldermoor?", "Where is Vessa?", "When was the harbour of Vessa rebuilt?"]
     plain = fp32.answer(questions, top_n=3)
+    alone = fp32.answer(questions[:1], k=1, top_n=2)[0]  # one block: a batch of 1
     assert fp32.compile() is None
     for a, b in zip(plain, fp32.answer(questions, top_n=3)):
         assert [x.text for x in a.answers] == [x.text for x in b.answers]
         assert [x.probability for x in a.answers] == pytest.approx([x.probability for x in b.answers], rel=1e-4)
+    # one question reading one block (a batch of 1) is answered alike, and compiles nothing again
+    from torch._dynamo.utils import counters
+    compiled_graphs = counters["stats"]["unique_graphs"]
+    twice = fp32.answer(questions[:1], k=1, top_n=2)[0]
+    assert counters["stats"]["unique_graphs"] == compiled_graphs
+    assert [x.text for x in twice.answers] == [x.text for x in alone.answers] and len(twice.hits) == 1
+    assert [x.probability for x in twice.answers] == pytest.approx([x.probability for x in alone.answers], rel=1e-4)
     # where compiling fails (no C++ compiler, ...) the reader stays as it was and says why
     def broken(fn, **kwargs):
         def call(*args, **kw):

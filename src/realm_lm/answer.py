@@ -129,6 +129,7 @@ class Answerer:
         self.tok = tok
         self.special = SpecialIds(tok)
         self.offsets = BlockOffsets(self.store, tok, self.special)
+        self.compiled = False  # the reader's encoder runs under torch.compile (see compile)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, cfg: RunConfig | None = None,
@@ -165,10 +166,12 @@ class Answerer:
             return "the int8 reader is not compiled"
         bert = self.reader.bert
         bert.forward = torch.compile(bert.forward, dynamic=True)  # an instance attribute: deleting it undoes this
+        self.compiled = True
         try:
             self.answer(["which question warms the compiled reader up?"], top_n=1)
         except Exception as err:  # no C++ compiler, an op the compiler lacks, ...: answering must still work
             del bert.forward
+            self.compiled = False
             return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
         return None
 
@@ -196,10 +199,14 @@ class Answerer:
             q_ids = question_ids(self.tok, chunk, self.special, r.question_len)
             batch = reader_batch(self.store, q_ids, rows[start:start + len(chunk)], self.tok,
                                  self.special, r.max_len)
+            inputs = (batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok, batch.end_ok)
+            if self.compiled and len(batch.input_ids) == 1:  # one question, k = 1
+                # compiled code is specialised to a batch of 1 (torch's 0/1 rule): reading the block twice costs
+                # milliseconds, compiling again took 6-16 s in the middle of a request
+                inputs = tuple(t.repeat(2, 1) for t in inputs)  # [2, L] each
             with autocast(self.reader.device, self.precision):
-                spans = self.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
-                                    batch.end_ok)
-            span_logits = spans.logits.view(len(chunk), k, -1).cpu()  # [Q, K, S]
+                spans = self.reader(*inputs)
+            span_logits = spans.logits[:len(chunk) * k].view(len(chunk), k, -1).cpu()  # [Q, K, S]
             starts, ends = spans.starts.cpu(), spans.ends.cpu()
             for i, question in enumerate(chunk):
                 qi = start + i
