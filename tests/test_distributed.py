@@ -136,3 +136,35 @@ def test_processes_on_one_machine_share_its_cores(monkeypatch):
     assert default_threads() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert default_threads() == 1
+
+
+def test_index_build_under_torchrun_shares_the_blocks_and_equals_one_process(tmp_path):
+    """`torchrun ... realm index build`: each rank embeds half of the blocks and saves it in the index folder, rank 0
+    takes both halves and publishes one version, the same as one process embedding every block."""
+    import numpy as np
+
+    from realm_lm.index.build import build_index
+    from realm_lm.index.versioned import read_manifest
+
+    overrides = tiny_overrides(tmp_path)
+    cfg = load_config(ROOT / "configs" / "tiny.toml", overrides)
+    build_corpus(cfg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "realm_lm.cli", "index", "build", "--config", str(ROOT / "configs" / "tiny.toml"),
+           *[x for o in overrides for x in ("--set", o)]]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = read_manifest(cfg.index.dir)
+    n = m["n_rows"]
+    assert m["version"] == "v000001" and m["rows_embedded"] == 0 and m["rows_from_parts"] == n
+    assert f"{n} blocks embedded by 2 processes ({n - n // 2} + {n // 2})" in result.stdout
+    assert not (tmp_path / "index" / "unfinished").exists()
+    one = build_index(replace_index_dir(cfg, tmp_path / "one" / "index"), progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "index" / "versions" / "v000001" / "embeddings.npy"),
+                               np.load(tmp_path / "one" / "index" / "versions" / one / "embeddings.npy"), atol=1e-5)
+
+
+def replace_index_dir(cfg, folder):
+    from dataclasses import replace
+    return replace(cfg, index=replace(cfg.index, dir=str(folder)))

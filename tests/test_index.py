@@ -267,12 +267,12 @@ def test_a_build_stopped_by_ctrl_c_is_resumed_not_restarted(tiny_cfg, tmp_path, 
     del doc.forward
     after = _embedding_stops_at_batch(doc, 0, lambda: None)  # counts only
     m = read_manifest(tiny_cfg.index.dir, build_index(tiny_cfg, progress=False, doc_embedder=doc))
-    assert m["rows_resumed"] == sum(before) and m["rows_embedded"] == sum(after) == n - sum(before)
+    assert m["rows_from_parts"] == sum(before) and m["rows_embedded"] == sum(after) == n - sum(before)
     assert m["reused_from"] == [] and not (Path(tiny_cfg.index.dir) / build.UNFINISHED).exists()
 
     whole = replace(tiny_cfg, index=replace(tiny_cfg.index, dir=str(tmp_path / "whole" / "index")))
     fresh = read_manifest(whole.index.dir, build_index(whole, progress=False))
-    assert fresh["rows_embedded"] == n and fresh["rows_resumed"] == 0
+    assert fresh["rows_embedded"] == n and fresh["rows_from_parts"] == 0
     resumed = np.load(Path(tiny_cfg.index.dir) / "versions" / m["version"] / "embeddings.npy")
     np.testing.assert_allclose(resumed, np.load(Path(whole.index.dir) / "versions" / fresh["version"]
                                                 / "embeddings.npy"), atol=1e-5)  # [N, D]
@@ -309,5 +309,5 @@ build.build_index(cfg, progress=False, doc_embedder=doc)
 
     other = replace(tiny_cfg, embedder=replace(tiny_cfg.embedder, seed=tiny_cfg.embedder.seed + 1))  # other weights
     m = read_manifest(other.index.dir, build_index(other, progress=False))
-    assert m["rows_resumed"] == 0 and m["rows_embedded"] == len(CorpusStore(tiny_cfg.corpus.store))
+    assert m["rows_from_parts"] == 0 and m["rows_embedded"] == len(CorpusStore(tiny_cfg.corpus.store))
     assert not list(build.unfinished_parts(tiny_cfg.index.dir))  # a build that publishes clears them

@@ -96,19 +96,33 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
-    from realm_lm.index.build import build_index
+    import torch
+
+    from realm_lm.index.build import build_index, embed_share
     from realm_lm.index.versioned import read_manifest
     from realm_lm.retrieval import minilm_mean_config
+    from realm_lm.train import distributed
     cfg = _retriever_config(args)
     if not args.from_run and args.retriever == "minilm-mean":
         cfg = minilm_mean_config(cfg)
-    version = build_index(cfg)
+    t0 = time.perf_counter()
+    shares = []  # blocks each rank embedded, under torchrun
+    with distributed.process_group() as main_rank:
+        if distributed.world_size() > 1:  # every rank embeds its share, then rank 0 takes them all and publishes
+            n = embed_share(cfg, progress=main_rank)
+            shares = distributed.gather_rows(torch.tensor([[n]])).flatten().tolist()
+        version = build_index(cfg) if main_rank else None
+        seconds = time.perf_counter() - t0
+    if not main_rank:
+        return
     m = read_manifest(cfg.index.dir, version)
-    reused = m["n_rows"] - m["rows_embedded"]
-    resumed = f", {m['rows_resumed']} of them by a build that stopped" if m["rows_resumed"] else ""
-    print(f"index {cfg.index.dir} version {version}: {m['n_rows']} x {m['dim']} ({m['backend']}), "
-          f"{m['rows_embedded']} blocks embedded in {m['embed_seconds']:.1f}s"
-          f"{f' ({reused} reused: the same blocks embedded by the same weights before{resumed})' if reused else ''}, "
+    embedded = m["rows_embedded"] + sum(shares)
+    reused, stopped = m["n_rows"] - embedded, m["rows_from_parts"] - sum(shares)
+    by = f" by {len(shares)} processes ({' + '.join(map(str, shares))})" if shares else ""
+    reuse = (f" ({reused} reused: the same blocks embedded by the same weights before"
+             f"{f', {stopped} of them by a build that stopped' if stopped else ''})" if reused else "")
+    print(f"index {cfg.index.dir} version {version}: {m['n_rows']} x {m['dim']} ({m['backend']}), {embedded} blocks "
+          f"embedded{by} in {seconds - m['index_build_seconds'] if shares else m['embed_seconds']:.1f}s{reuse}, "
           f"built in {m['index_build_seconds']:.1f}s")
 
 

@@ -211,10 +211,12 @@ def save_unfinished_part(index_dir: str | Path, embeddings: np.ndarray, digests:
 
 
 def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndarray, digests: np.ndarray,
-                       max_tokens: int, tower: tuple, save_to: str | Path | None, progress: bool) -> np.ndarray:
+                       max_tokens: int, tower: tuple, save_to: str | Path | None, progress: bool,
+                       save_at_end: bool = False) -> np.ndarray:
     """Embeddings [len(rows), D] of the blocks ``rows`` (ascending). With ``save_to`` (the index folder), what is
     embedded is saved there as a part of an unfinished build every SAVE_UNFINISHED_EVERY_S seconds and when the
-    build stops on an error or Ctrl-C: the next build resumes from those blocks instead of embedding them again."""
+    build stops on an error or Ctrl-C (and at the end with ``save_at_end``): the next build takes those blocks
+    instead of embedding them again."""
     out = np.empty((len(rows), doc_embedder.dim), dtype=np.float32)
     unsaved: list[np.ndarray] = []  # positions in rows embedded since the last part
     last_save = time.monotonic()
@@ -240,6 +242,8 @@ def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndar
                 bar.update(len(batch))
                 if time.monotonic() - last_save >= SAVE_UNFINISHED_EVERY_S:
                     save()
+        if save_at_end:
+            save()
     except BaseException:
         save()
         if progress and (kept := kept_so_far()):
@@ -255,6 +259,38 @@ def index_is_current(index_dir: str | Path, key: str) -> bool:
     return latest_version(index_dir) is not None and read_manifest(index_dir).get("embedding_key") == key
 
 
+def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder, resumable: bool,
+                            reuse_from: tuple[str | Path, ...] = ()) -> tuple[np.ndarray, tuple, np.ndarray,
+                                                                             np.ndarray, dict[str, int]]:
+    """The block digests [N, 16], the tower, and what :func:`reuse_identical_blocks` finds for them in kept versions
+    (and, ``resumable``, in the folder's unfinished parts): embeddings [N, D], filled [N], rows taken per source."""
+    digests = block_digests(store)  # [N, 16]
+    tower = (weights_hash(doc_embedder), cfg.embedder.pooling, cfg.embedder.proj_dim)
+    folders = _donor_folders(cfg.index.dir, reuse_from)
+    sources = itertools.chain(itertools.chain.from_iterable(kept_versions(f) for f in folders),
+                              unfinished_parts(cfg.index.dir) if resumable else ())
+    return digests, tower, *reuse_identical_blocks(digests, tower, doc_embedder.dim, sources)
+
+
+def embed_share(cfg: RunConfig, progress: bool = True) -> int:
+    """This rank's part of a build under torchrun, called on every rank: every world-size-th block (from this rank's
+    number) of those no kept version or unfinished part holds yet, embedded on this rank's device and saved as
+    parts of the unfinished build of ``cfg.index.dir`` (a folder every rank shares); rank 0's :func:`build_index`
+    then takes them all. Returns how many blocks this rank embedded."""
+    from realm_lm.train import distributed
+
+    store = CorpusStore(cfg.corpus.store)
+    doc_embedder = build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
+    digests, tower, _, filled, _ = _reuse_what_is_embedded(cfg, store, doc_embedder, resumable=True)
+    share = np.flatnonzero(~filled)[distributed.rank()::distributed.world_size()]  # strided: blocks of every length
+    distributed.barrier()  # every rank has read the folder before any rank adds its parts: the shares are disjoint
+    if len(share):
+        with autocast(doc_embedder.device, cfg.runtime.precision):
+            embed_saving_parts(doc_embedder, store, share, digests, cfg.index.embed_batch_tokens, tower,
+                               cfg.index.dir, progress, save_at_end=True)
+    return len(share)
+
+
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,
                 doc_embedder: Embedder | None = None, store: CorpusStore | None = None,
                 reuse_from: tuple[str | Path, ...] = (), resumable: bool = True) -> str:
@@ -266,17 +302,14 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
     folder saved before it was killed or interrupted (the refresher's builds are of weights no later build shares)."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
-    doc_hash = weights_hash(doc_embedder)
     t0 = time.perf_counter()
-    digests = block_digests(store)  # [N, 16]
-    tower = (doc_hash, cfg.embedder.pooling, cfg.embedder.proj_dim)
-    folders = _donor_folders(cfg.index.dir, reuse_from)
-    sources = itertools.chain(itertools.chain.from_iterable(kept_versions(f) for f in folders),
-                              unfinished_parts(cfg.index.dir) if resumable else ())
-    embeddings, filled, taken = reuse_identical_blocks(digests, tower, doc_embedder.dim, sources)
-    resumed = sum(n for path, n in taken.items() if Path(path).parent.name == UNFINISHED)
-    if resumed and progress:
-        print(f"resuming a build that stopped: {resumed} of {len(store)} blocks were embedded by it", file=sys.stderr)
+    digests, tower, embeddings, filled, taken = _reuse_what_is_embedded(cfg, store, doc_embedder, resumable,
+                                                                        reuse_from)
+    doc_hash = tower[0]
+    from_parts = sum(n for path, n in taken.items() if Path(path).parent.name == UNFINISHED)
+    if from_parts and progress:
+        print(f"{from_parts} of {len(store)} blocks were embedded before, by a build that stopped or by torchrun's "
+              f"ranks ({Path(cfg.index.dir) / UNFINISHED})", file=sys.stderr)
     missing = np.flatnonzero(~filled)
     if len(missing):
         with autocast(doc_embedder.device, cfg.runtime.precision):
@@ -300,7 +333,7 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "embedding_key": embedding_key(store.corpus_hash, doc_hash, cfg),
         "embeddings_reused": len(missing) == 0,  # every row taken from an earlier version, none embedded
         "rows_embedded": int(len(missing)),
-        "rows_resumed": resumed,  # taken from a build of this folder that stopped before it published
+        "rows_from_parts": from_parts,  # from INDEX/unfinished/: a build that stopped, or torchrun's ranks' shares
         "reused_from": [path for path in taken if Path(path).parent.name != UNFINISHED],  # versions that gave theirs
         "embed_seconds": round(embed_s, 3),
         "index_build_seconds": round(build_s, 3),
