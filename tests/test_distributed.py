@@ -42,6 +42,11 @@ def test_torchrun_two_ranks_ict_and_finetune(tmp_path):
         assert [l["step"] for l in lines] == [1, 2, 3]  # one log, written by rank 0
         assert (tmp_path / verb / "checkpoints" / "LATEST").read_text() == "step_0000003"
     assert "after.ict_recall@1" in json.loads((tmp_path / "ict" / "ict_eval.json").read_text())
+    # the fine-tuning run's own index: both ranks embedded a share (rank 0 alone would show 18 rows embedded)
+    from realm_lm.index.versioned import read_manifest
+    [index_dir] = (tmp_path / "finetune").glob("eval-index-*")
+    m = read_manifest(index_dir)
+    assert m["rows_from_parts"] == m["n_rows"] and m["rows_embedded"] == 0
 
 
 def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path):

@@ -272,16 +272,17 @@ def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Em
     return digests, tower, *reuse_identical_blocks(digests, tower, doc_embedder.dim, sources)
 
 
-def embed_share(cfg: RunConfig, progress: bool = True) -> int:
+def embed_share(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | None = None,
+                store: CorpusStore | None = None, reuse_from: tuple[str | Path, ...] = ()) -> int:
     """This rank's part of a build under torchrun, called on every rank: every world-size-th block (from this rank's
     number) of those no kept version or unfinished part holds yet, embedded on this rank's device and saved as
     parts of the unfinished build of ``cfg.index.dir`` (a folder every rank shares); rank 0's :func:`build_index`
-    then takes them all. Returns how many blocks this rank embedded."""
+    (with the same arguments) then takes them all. Returns how many blocks this rank embedded."""
     from realm_lm.train import distributed
 
-    store = CorpusStore(cfg.corpus.store)
-    doc_embedder = build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
-    digests, tower, _, filled, _ = _reuse_what_is_embedded(cfg, store, doc_embedder, resumable=True)
+    store = store or CorpusStore(cfg.corpus.store)
+    doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
+    digests, tower, _, filled, _ = _reuse_what_is_embedded(cfg, store, doc_embedder, True, reuse_from)
     share = np.flatnonzero(~filled)[distributed.rank()::distributed.world_size()]  # strided: blocks of every length
     distributed.barrier()  # every rank has read the folder before any rank adds its parts: the shares are disjoint
     if len(share):

@@ -1,7 +1,8 @@
 """Data-parallel training through torchrun / torch.distributed (gloo on CPU, nccl on GPU).
 
 Each rank draws its own batch (seeded by step and rank), gradients are averaged with all-reduce, rank 0 alone
-builds or launches index builders, writes checkpoints and the metrics log; every rank reads the index versions
+publishes index versions (every rank embeds a share of a fine-tuning run's index: index.build.embed_share) or launches
+index builders, writes checkpoints and the metrics log; every rank reads the index versions
 from the shared run folder. ICT's in-batch negatives come from every rank (``gather_rows``). With one process
 (no torchrun) every helper is a no-op.
 """
