@@ -311,3 +311,39 @@ build.build_index(cfg, progress=False, doc_embedder=doc)
     m = read_manifest(other.index.dir, build_index(other, progress=False))
     assert m["rows_from_parts"] == 0 and m["rows_embedded"] == len(CorpusStore(tiny_cfg.corpus.store))
     assert not list(build.unfinished_parts(tiny_cfg.index.dir))  # a build that publishes clears them
+
+
+def test_sigterm_to_realm_index_build_keeps_what_it_embedded(tiny_cfg):
+    """A scheduler's SIGTERM stops `realm index build` as Ctrl-C does: the blocks embedded so far are kept."""
+    import subprocess
+    import sys
+
+    from realm_lm.index import build
+
+    build_corpus(tiny_cfg)
+    folder = Path(tiny_cfg.index.dir).parent
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from conftest import ROOT, tiny_overrides
+from test_index import _embedding_stops_at_batch
+from realm_lm import cli
+from realm_lm.index import build
+from realm_lm.models import embedder
+
+def stopping_retriever(cfg):
+    retriever = embedder.build_retriever(cfg)
+    _embedding_stops_at_batch(retriever.doc, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    return retriever
+
+build.build_retriever = stopping_retriever
+build.SAVE_UNFINISHED_EVERY_S = 1e9  # only the save on the way out
+sets = [x for o in tiny_overrides(Path({str(folder)!r})) for x in ("--set", o)]
+sys.exit(cli.main(["index", "build", "--config", str(ROOT / "configs" / "tiny.toml"), *sets]))
+"""
+    stopped = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 130 and "interrupted" in stopped.stderr, stopped.stderr[-2000:]
+    [(_, manifest)] = build.unfinished_parts(tiny_cfg.index.dir)
+    assert 0 < manifest["n_rows"] < len(CorpusStore(tiny_cfg.corpus.store))
+    assert f"the {manifest['n_rows']} blocks embedded so far are kept" in stopped.stderr

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -486,9 +487,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sigterm_is_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt  # a scheduler's SIGTERM stops a command the way Ctrl-C does: what is done is kept
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    previous = signal.signal(signal.SIGTERM, _sigterm_is_ctrl_c) if in_main_thread else None
     try:
         args.func(args)
     except (RealmError, FileNotFoundError) as err:  # what the user can act on: the message, no traceback
@@ -498,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once (rank 0), not once a rank
             print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if args.verb == "demo":
         print(f"\n(done in {time.perf_counter() - t0:.0f}s)")
     return 0
