@@ -5,6 +5,7 @@ import io
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,9 +379,47 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     assert metrics["em"] == pytest.approx(100 * sum(r["exact_match"] for r in records) / 8, abs=0.01)
     assert metrics["f1"] == pytest.approx(100 * sum(r["f1"] for r in records) / 8, abs=0.01)
     assert metrics["predictions"].endswith("predictions-tiny_qa.jsonl") and metrics["precision"] in ("fp32", "bf16")
+    assert all(r["answer_rank"] is None or 1 <= r["answer_rank"] <= 16 for r in records)
+    assert metrics["recall@16"] == sum(r["answer_rank"] is not None for r in records) / 8
     # the learned scale is what answering uses: p(block) = softmax(scale * q.d), the hits keep the raw q.d
     cfg = finetune_cfg(tmp_path)
     answerer = Answerer.from_run(run, cfg)
+    # an evaluation stopped part-way goes on from where it stopped, with the same records as one that was not
+    from realm_lm.eval import qa as qa_eval
+    questions, out = read_qa_file(FIXTURES / "tiny_qa.jsonl"), tmp_path / "stopped" / "predictions.jsonl"
+    monkeypatch.setattr(qa_eval, "ANSWER_CHUNK", 3)
+    asked, answer = [], answerer.answer
+
+    def stopped_at_the_third_chunk(texts, **kwargs):
+        if len(asked) == 6:
+            raise KeyboardInterrupt
+        asked.extend(texts)
+        return answer(texts, **kwargs)
+
+    monkeypatch.setattr(answerer, "answer", stopped_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_qa(answerer, questions, out, progress=False)
+    assert not out.exists() and len(Path(f"{out}.partial").read_text().splitlines()) == 1 + 6  # its key, 6 records
+    with open(f"{out}.partial", "a") as torn:
+        torn.write('{"id": "torn by a ki')  # a kill in the middle of a line
+    asked.clear()
+    monkeypatch.setattr(qa_eval, "ANSWER_CHUNK", 100)
+    again = evaluate_qa(answerer, questions, out, progress=False)
+    assert again["resumed"] == 6 and asked == [q.question for q in questions[6:]]
+    assert not Path(f"{out}.partial").exists()
+    assert out.read_text() == (tmp_path / "finetune" / "predictions-tiny_qa.jsonl").read_text()
+    assert {k: again[k] for k in ("em", "f1", "recall@16")} == {k: metrics[k] for k in ("em", "f1", "recall@16")}
+    # another model or setting starts afresh
+    asked.clear()
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(qa_eval, "ANSWER_CHUNK", 3)
+        evaluate_qa(answerer, questions, out, progress=False)
+    answerer.top_k = 4
+    asked.clear()
+    monkeypatch.setattr(qa_eval, "ANSWER_CHUNK", 100)
+    assert evaluate_qa(answerer, questions, out, progress=False)["resumed"] == 0 and len(asked) == 8
+    answerer.top_k = cfg.reader.top_k
+    monkeypatch.undo()
     saved = load_file(str(latest_checkpoint(run) / "model.safetensors"))["retrieval_scale.log_scale"]
     assert answerer.retrieval_scale == pytest.approx(float(saved.exp())) != cfg.finetune.retrieval_scale
     response = answerer.answer(["Who built Aldermoor?"])[0]

@@ -8,6 +8,8 @@ probability sums the pairs whose text normalises to the same string.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,8 +121,12 @@ class Answerer:
     """A retriever (any :class:`~realm_lm.retrieval.Searcher` over ``store``) and a span reader."""
 
     def __init__(self, searcher: Searcher, reader: Reader, reader_cfg: ReaderConfig, tok, dense: bool,
-                 top_k: int | None = None, precision: str = "fp32", retrieval_scale: float = 1.0):
+                 top_k: int | None = None, precision: str = "fp32", retrieval_scale: float = 1.0,
+                 weights: str | None = None):
+        """``weights``: what the reader's weights were read from (a checkpoint, with its time), so that an
+        interrupted evaluation can tell whether its answers came from the same model (:meth:`answering_key`)."""
         self.searcher, self.reader, self.reader_cfg = searcher, reader.eval(), reader_cfg
+        self.weights = weights
         self.precision = precision  # of the reader's forward pass (runtime.precision)
         self.store = searcher.store
         self.dense = dense  # dense scores x the learned scale are retrieval logits; BM25's are not on the reader's scale
@@ -153,8 +159,21 @@ class Answerer:
                 raise ValueError("reader.int8 takes fp32 inputs: set runtime.precision = \"auto\" or \"fp32\"")
             reader, precision = quantize_int8(reader), "fp32"
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
+        ckpt = latest_checkpoint(run_dir)
+        weights = f"{ckpt.resolve()}@{(ckpt / 'model.safetensors').stat().st_mtime_ns}"
         return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=precision,
-                   retrieval_scale=scale)
+                   retrieval_scale=scale, weights=weights)
+
+    def answering_key(self) -> str | None:
+        """A hash of everything the answers depend on: the weights, the reader's settings and precision, the corpus
+        and the index. None when the weights' origin is unknown."""
+        if self.weights is None:
+            return None
+        r = self.reader_cfg
+        index = getattr(self.searcher, "manifest", {}).get("embedding_key")  # dense: the index version's embeddings
+        what = [self.weights, self.top_k, r.max_len, r.question_len, r.int8, self.precision, self.dense,
+                self.retrieval_scale, self.store.corpus_hash, index]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
     def compile(self) -> str | None:
         """Compile the reader's encoder with torch.compile, shapes dynamic (one compilation serves every block length

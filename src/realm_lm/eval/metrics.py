@@ -37,17 +37,24 @@ def has_answer(block_text: str, answers: Sequence[str], regex: bool = False) -> 
     return any(norm and f" {norm} " in haystack for norm in map(normalize_answer, answers))
 
 
+def first_answer_rank(rows: Sequence[int], answers: Sequence[str], texts: Sequence[str],
+                      regex: bool = False) -> int | None:
+    """1-based rank of the first of the retrieved ``rows`` whose block contains a gold answer; None if none does."""
+    return next((r for r, row in enumerate(rows, 1) if row >= 0 and has_answer(texts[row], answers, regex)), None)
+
+
 def recall_at_k(hit_rows: Sequence[Sequence[int]], answers: Sequence[Sequence[str]], texts: Sequence[str],
                 ks: Sequence[int], regex: bool = False) -> dict[int, float]:
     """Fraction of questions for which a block among the first k retrieved contains a gold answer."""
-    if not hit_rows:
+    ranks = [first_answer_rank(rows, golds, texts, regex) for rows, golds in zip(hit_rows, answers)]
+    return recall_from_ranks(ranks, ks)
+
+
+def recall_from_ranks(ranks: Sequence[int | None], ks: Sequence[int]) -> dict[int, float]:
+    """recall@k for each k, from each question's :func:`first_answer_rank`."""
+    if not ranks:
         return {k: 0.0 for k in ks}
-    first_hit = []  # rank (0-based) of the first block with an answer, or inf
-    for rows, golds in zip(hit_rows, answers):
-        rank = next((r for r, row in enumerate(rows) if row >= 0 and has_answer(texts[row], golds, regex)),
-                    float("inf"))
-        first_hit.append(rank)
-    return {k: sum(r < k for r in first_hit) / len(first_hit) for k in ks}
+    return {k: sum(r is not None and r <= k for r in ranks) / len(ranks) for k in ks}
 
 
 def exact_match(prediction: str, answers: Sequence[str], regex: bool = False) -> bool:
