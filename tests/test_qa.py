@@ -409,6 +409,8 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     assert not Path(f"{out}.partial").exists()
     assert out.read_text() == (tmp_path / "finetune" / "predictions-tiny_qa.jsonl").read_text()
     assert {k: again[k] for k in ("em", "f1", "recall@16")} == {k: metrics[k] for k in ("em", "f1", "recall@16")}
+    unsaved = evaluate_qa(answerer, questions, progress=False)  # no predictions file (the benchmarks): nothing kept
+    assert {k: unsaved[k] for k in ("em", "f1", "recall@16")} == {k: metrics[k] for k in ("em", "f1", "recall@16")}
     # another model or setting starts afresh
     asked.clear()
     with pytest.raises(KeyboardInterrupt):

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from realm_lm.answer import Answerer, Response
 from realm_lm.corpus.questions import QaFileError, Question
-from realm_lm.eval.metrics import (check_patterns, exact_match, f1_score, first_answer_rank, recall_from_ranks)
+from realm_lm.eval.metrics import check_patterns, exact_match, f1_score, first_answer_rank, recall_from_ranks
 
 ANSWER_CHUNK = 256  # questions answered between two saves of an evaluation's progress (~40 s on a 2-core CPU)
 
@@ -43,22 +43,28 @@ def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: 
         print(f"going on from {partial}: {resumed} of {len(questions)} questions were answered before",
               file=sys.stderr)
     t0 = time.perf_counter()
+    log = _open_partial(partial, key, records) if key else None
     try:
         with tqdm(total=len(questions), initial=resumed, desc="answering", unit="question", disable=not progress,
-                  smoothing=0.1) as bar, (_open_partial(partial, key, records) if key else open(os.devnull, "w")) as log:
+                  smoothing=0.1) as bar:
             for start in range(resumed, len(questions), ANSWER_CHUNK):
                 chunk = questions[start:start + ANSWER_CHUNK]
-                for q, response in zip(chunk, answerer.answer([q.question for q in chunk], top_n=1)):
-                    records.append(_record(q, response, answerer, regex))
-                    log.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
+                answered = [_record(q, response, answerer, regex)
+                            for q, response in zip(chunk, answerer.answer([q.question for q in chunk], top_n=1))]
+                records.extend(answered)
+                if log is not None:
+                    log.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered))
+                    log.flush()
+                    os.fsync(log.fileno())
                 bar.update(len(chunk))
     except BaseException:
-        if key and records and progress:
+        if log is not None and records and progress:
             print(f"the {len(records)} questions answered so far are kept in {partial}: the same evaluation goes on "
                   f"from them", file=sys.stderr)
         raise
+    finally:
+        if log is not None:
+            log.close()
     seconds = time.perf_counter() - t0
     n = max(len(questions), 1)
     k = answerer.top_k
@@ -70,12 +76,12 @@ def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: 
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         os.replace(tmp, path)
         partial.unlink(missing_ok=True)
-    answered = len(questions) - resumed
+    answered_now = len(questions) - resumed
     return {"em": round(100 * sum(r["exact_match"] for r in records) / n, 2),
             "f1": round(100 * sum(r["f1"] for r in records) / n, 2),
             **{f"recall@{kk}": round(v, 4) for kk, v in recalls.items()},
             "n_questions": len(questions), "resumed": resumed, "seconds": round(seconds, 1),
-            "questions_per_s": round(answered / max(seconds, 1e-9), 2)}
+            "questions_per_s": round(answered_now / max(seconds, 1e-9), 2)}
 
 
 def _record(q: Question, response: Response, answerer: Answerer, regex: bool) -> dict[str, Any]:
