@@ -32,9 +32,20 @@ def test_torchrun_two_ranks_ict_and_finetune(tmp_path):
     overrides = tiny_overrides(tmp_path, "reader.top_k=16")
     build_corpus(load_config(ROOT / "configs" / "tiny.toml", overrides))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    late_rank_1 = tmp_path / "late_rank_1.py"  # `realm` whose rank 1 saves its share of an index late
+    late_rank_1.write_text("import os, sys, time\n"
+                           "from realm_lm import cli\n"
+                           "from realm_lm.index import build\n"
+                           "save = build.save_unfinished_part\n"
+                           "def late(*args):\n"
+                           "    time.sleep(3 if os.environ['RANK'] == '1' else 0)\n"
+                           "    save(*args)\n"
+                           "build.save_unfinished_part = late\n"
+                           "sys.exit(cli.main())\n")
     for verb in ("ict", "finetune"):
+        cli = ["-m", "realm_lm.cli"] if verb == "ict" else [str(late_rank_1)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "realm_lm.cli", verb, "--config", str(ROOT / "configs" / "tiny.toml"),
+               *cli, verb, "--config", str(ROOT / "configs" / "tiny.toml"),
                *[x for o in overrides for x in ("--set", o)]]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -42,7 +53,8 @@ def test_torchrun_two_ranks_ict_and_finetune(tmp_path):
         assert [l["step"] for l in lines] == [1, 2, 3]  # one log, written by rank 0
         assert (tmp_path / verb / "checkpoints" / "LATEST").read_text() == "step_0000003"
     assert "after.ict_recall@1" in json.loads((tmp_path / "ict" / "ict_eval.json").read_text())
-    # the fine-tuning run's own index: both ranks embedded a share (rank 0 alone would show 18 rows embedded)
+    # the fine-tuning run's own index: both ranks embedded a share (rank 0 alone would show 18 rows embedded), and
+    # rank 0 waited for rank 1's
     from realm_lm.index.versioned import read_manifest
     [index_dir] = (tmp_path / "finetune").glob("eval-index-*")
     m = read_manifest(index_dir)

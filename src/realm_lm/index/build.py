@@ -276,8 +276,9 @@ def embed_share(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | 
                 store: CorpusStore | None = None, reuse_from: tuple[str | Path, ...] = ()) -> int:
     """This rank's part of a build under torchrun, called on every rank: every world-size-th block (from this rank's
     number) of those no kept version or unfinished part holds yet, embedded on this rank's device and saved as
-    parts of the unfinished build of ``cfg.index.dir`` (a folder every rank shares); rank 0's :func:`build_index`
-    (with the same arguments) then takes them all. Returns how many blocks this rank embedded."""
+    parts of the unfinished build of ``cfg.index.dir`` (a folder every rank shares); once every rank has saved its
+    share, rank 0's :func:`build_index` (with the same arguments) takes them all. Returns how many blocks this rank
+    embedded."""
     from realm_lm.train import distributed
 
     store = store or CorpusStore(cfg.corpus.store)
@@ -289,6 +290,7 @@ def embed_share(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | 
         with autocast(doc_embedder.device, cfg.runtime.precision):
             embed_saving_parts(doc_embedder, store, share, digests, cfg.index.embed_batch_tokens, tower,
                                cfg.index.dir, progress, save_at_end=True)
+    distributed.barrier()  # every share is saved before rank 0 takes them
     return len(share)
 
 
