@@ -63,9 +63,9 @@ class Response:
                               for h in self.hits]}
 
 
-def load_reader(run_dir: str | Path) -> tuple[Reader, float, RunConfig]:
+def load_reader(run_dir: str | Path) -> tuple[Reader, float, RunConfig, Path]:
     """The fine-tuned reader of a `realm finetune` run (its latest checkpoint), the retrieval scale it learned with
-    (1.0 for runs that had none: BM25, or before the scale was learned) and the run's config."""
+    (1.0 for runs that had none: BM25, or before the scale was learned), the run's config and the checkpoint read."""
     from realm_lm.train.finetune import RETRIEVAL_SCALE_KEY
 
     run_cfg = run_config(run_dir)
@@ -83,7 +83,7 @@ def load_reader(run_dir: str | Path) -> tuple[Reader, float, RunConfig]:
         reader.load_state_dict(tensors)
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt}: the reader's weights do not fit its config: {err}") from err
-    return reader.eval(), scale, run_cfg
+    return reader.eval(), scale, run_cfg, ckpt
 
 
 def quantize_int8(reader: Reader) -> Reader:
@@ -143,7 +143,7 @@ class Answerer:
         """A fine-tuned run's retriever (its index of ``cfg.corpus.store``, built on first use) and reader;
         top-k, batching and runtime from ``cfg`` (default: the run's own config, so its corpus too), everything
         the weights depend on from the run's own config."""
-        reader, scale, run_cfg = load_reader(run_dir)
+        reader, scale, run_cfg, ckpt = load_reader(run_dir)
         cfg = cfg or run_cfg
         store = store or CorpusStore(cfg.corpus.store)
         kind = run_cfg.finetune.retriever
@@ -159,7 +159,6 @@ class Answerer:
                 raise ValueError("reader.int8 takes fp32 inputs: set runtime.precision = \"auto\" or \"fp32\"")
             reader, precision = quantize_int8(reader), "fp32"
         tok = load_tokenizer(resolve_model_dir(run_cfg.encoder.model))
-        ckpt = latest_checkpoint(run_dir)
         weights = f"{ckpt.resolve()}@{(ckpt / 'model.safetensors').stat().st_mtime_ns}"
         return cls(searcher, reader.to(device), reader_cfg, tok, dense=kind == "realm", precision=precision,
                    retrieval_scale=scale, weights=weights)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -504,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, once (rank 0), not once a rank
+        from realm_lm.train import distributed
+
+        if distributed.is_main():  # under torchrun, once (rank 0), not once a rank
             print("interrupted", file=sys.stderr)
         return 130
     finally:

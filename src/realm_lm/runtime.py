@@ -15,8 +15,10 @@ from realm_lm.config import PRECISIONS, RunConfig, RuntimeConfig
 
 def setup_runtime(cfg: RunConfig, announce: bool = False) -> None:
     torch.set_num_threads(cfg.runtime.threads or default_threads())
-    if announce and os.environ.get("RANK", "0") == "0":  # one line on stderr (once under torchrun), so a person knows
-        # which numeric path their numbers come from
+    from realm_lm.train import distributed
+
+    if announce and distributed.is_main():  # one line on stderr (once under torchrun), so a person knows which
+        # numeric path their numbers come from
         device = resolve_device(cfg.runtime)
         silicon = f", bf16 silicon: {cpu_bf16_instructions() or 'none'}" if device.type == "cpu" else ""
         print(f"runtime: {device}, {resolve_precision(device, cfg.runtime.precision)} "

@@ -42,7 +42,8 @@ def process_group() -> Iterator[bool]:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before the process group exists (or after it is gone), the one torchrun gave it."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
