@@ -14,7 +14,9 @@ from conftest import ROOT, tiny_overrides
 
 
 def test_torchrun_two_ranks(tmp_path):
-    overrides = tiny_overrides(tmp_path, "pretrain.steps=3")
+    """Pre-training under torchrun; every index version (the first one and a refresh after each step) is embedded
+    by two builders, one launched by each rank, and published by rank 0's."""
+    overrides = tiny_overrides(tmp_path, "pretrain.steps=3", "refresh.mode=sync", "refresh.every=1")
     build_corpus(load_config(ROOT / "configs" / "tiny.toml", overrides))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "realm_lm.cli", "pretrain", "--config", str(ROOT / "configs" / "tiny.toml"),
@@ -25,6 +27,17 @@ def test_torchrun_two_ranks(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [1, 2, 3]  # one log, written by rank 0
     assert (tmp_path / "pretrain" / "checkpoints" / "LATEST").read_text() == "step_0000003"
+    versions = sorted((tmp_path / "pretrain" / "index" / "versions").glob("v*"))
+    assert [v.name for v in versions] == ["v000001", "v000002", "v000003"]  # step 0, then the refreshes at 1 and 2
+    for version in versions:
+        manifest = json.loads((version / "manifest.json").read_text())
+        # each builder saved its share as a part; rank 0's took both (it embeds no block itself in the end)
+        assert manifest["rows_from_parts"] == manifest["n_rows"] == 36 and manifest["rows_embedded"] == 0
+    assert [json.loads((v / "manifest.json").read_text())["embedder_step"] for v in versions] == [0, 1, 2]
+    assert not (tmp_path / "pretrain" / "index" / "unfinished").exists()
+    rank0_log = (tmp_path / "pretrain" / "refresh" / "builder.log").read_text()
+    rank1_log = (tmp_path / "pretrain" / "refresh" / "rank1" / "builder.log").read_text()
+    assert rank0_log.count("published v0") == 3 and rank1_log.count("saved share 1 of 2") == 3
 
 
 def test_torchrun_two_ranks_ict_and_finetune(tmp_path):

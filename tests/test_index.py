@@ -313,6 +313,39 @@ build.build_index(cfg, progress=False, doc_embedder=doc)
     assert not list(build.unfinished_parts(tiny_cfg.index.dir))  # a build that publishes clears them
 
 
+def test_refresh_builders_in_shares_publish_one_version_and_builder_0_covers_a_missing_share(tiny_cfg, monkeypatch):
+    """The refresh under torchrun: one builder a rank, each embedding a share. Builder 1 only saves its share;
+    builder 0 saves its own, takes both and publishes what one builder would have. When a share never comes (its
+    builder failed), builder 0 embeds it itself after its wait."""
+    from dataclasses import replace
+
+    from realm_lm.index import build
+    from realm_lm.models.embedder import build_retriever
+
+    build_corpus(tiny_cfg)
+    n = len(CorpusStore(tiny_cfg.corpus.store))
+    doc = build_retriever(tiny_cfg.embedder).doc
+    elsewhere = Path(tiny_cfg.index.dir).parent / "elsewhere" / "index"  # not beside it: no blocks to take
+    one = replace(tiny_cfg, index=replace(tiny_cfg.index, dir=str(elsewhere)))
+    reference = np.load(Path(one.index.dir) / "versions" / build_index(one, progress=False, doc_embedder=doc)
+                        / "embeddings.npy")
+
+    assert build.build_index_in_shares(tiny_cfg, 1, 2, 7, doc) is None  # builder 1: its share saved, no version
+    assert latest_version(tiny_cfg.index.dir) is None
+    assert sum(m["n_rows"] for _, m in build.unfinished_parts(tiny_cfg.index.dir)) == n // 2
+    version = build.build_index_in_shares(tiny_cfg, 0, 2, 7, doc)
+    m = read_manifest(tiny_cfg.index.dir, version)
+    assert (m["rows_from_parts"], m["rows_embedded"], m["embedder_step"]) == (n, 0, 7)
+    np.testing.assert_allclose(np.load(Path(tiny_cfg.index.dir) / "versions" / version / "embeddings.npy"),
+                               reference, atol=1e-5)
+    assert not list(build.unfinished_parts(tiny_cfg.index.dir))
+
+    monkeypatch.setattr(build, "SHARE_WAIT_MIN_S", 0.5)
+    later = build_retriever(replace(tiny_cfg.embedder, seed=tiny_cfg.embedder.seed + 1)).doc  # new weights
+    m = read_manifest(tiny_cfg.index.dir, build.build_index_in_shares(tiny_cfg, 0, 2, 8, later))  # builder 1 failed
+    assert (m["rows_from_parts"], m["rows_embedded"], m["embedder_step"]) == (n - n // 2, n // 2, 8)
+
+
 def test_sigterm_to_realm_index_build_keeps_what_it_embedded(tiny_cfg):
     """A scheduler's SIGTERM stops `realm index build` as Ctrl-C does: the blocks embedded so far are kept."""
     import subprocess

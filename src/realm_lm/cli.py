@@ -98,7 +98,7 @@ def cmd_corpus_build(args: argparse.Namespace) -> None:
 def cmd_index_build(args: argparse.Namespace) -> None:
     import torch
 
-    from realm_lm.index.build import build_index, embed_share
+    from realm_lm.index.build import build_index_on_ranks
     from realm_lm.index.versioned import read_manifest
     from realm_lm.retrieval import minilm_mean_config
     from realm_lm.train import distributed
@@ -108,10 +108,9 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     shares = []  # blocks each rank embedded, under torchrun
     with distributed.process_group() as main_rank:
-        if distributed.world_size() > 1:  # every rank embeds its share, then rank 0 takes them all and publishes
-            n = embed_share(cfg, progress=main_rank)
+        version, n = build_index_on_ranks(cfg)  # under torchrun, every rank embeds its share and rank 0 publishes
+        if distributed.world_size() > 1:
             shares = distributed.gather_rows(torch.tensor([[n]])).flatten().tolist()
-        version = build_index(cfg) if main_rank else None
         seconds = time.perf_counter() - t0
     if not main_rank:
         return

@@ -26,6 +26,7 @@ from realm_lm.runtime import autocast, resolve_device
 
 UNFINISHED = "unfinished"  # INDEX_DIR/unfinished/part-*: blocks embedded by a build that stopped before it published
 SAVE_UNFINISHED_EVERY_S = 60.0  # so a build that is killed loses at most this much embedding
+SHARE_WAIT_MIN_S = 60.0  # how long refresh builder 0 waits at least for the other builders' shares
 
 
 def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]:
@@ -85,13 +86,23 @@ def tower_key(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> str
     return embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
 
 
+_last_digests: dict[tuple[str, str], np.ndarray] = {}  # the last store's: one process plans a share, then builds
+
+
 def block_digests(store: CorpusStore) -> np.ndarray:
     """A 16-byte digest of each block's wordpieces [N, 16]: the tower's whole input, so equal digests mean equal
-    embeddings. Kept with each index version, so that its rows can be matched after the store is rebuilt."""
+    embeddings. Kept with each index version, so that its rows can be matched after the store is rebuilt. The last
+    store's are kept in memory (about 40 s of hashing at 13M blocks); its corpus hash covers every wordpiece."""
+    key = (str(Path(store.folder).resolve()), store.corpus_hash)
+    if key in _last_digests:
+        return _last_digests[key]
     out = np.empty((len(store), 16), dtype=np.uint8)
     for row, length in enumerate(store.lengths):
         out[row] = np.frombuffer(hashlib.blake2b(store.tokens[row, :length].tobytes(), digest_size=16).digest(),
                                  np.uint8)
+    out.flags.writeable = False  # shared by every caller
+    _last_digests.clear()
+    _last_digests[key] = out
     return out
 
 
@@ -229,10 +240,6 @@ def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndar
         unsaved.clear()
         last_save = time.monotonic()
 
-    def kept_so_far() -> int:  # by this build and the stopped ones it went on from
-        parts = unfinished_parts(save_to) if save_to is not None else ()
-        return sum(manifest.get("n_rows", 0) for _, manifest in parts if _tower_of(manifest) == tower)
-
     try:
         with tqdm(total=len(rows), desc="embedding blocks", unit="block", disable=not progress,
                   smoothing=0.05) as bar:
@@ -246,7 +253,8 @@ def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndar
             save()
     except BaseException:
         save()
-        if progress and (kept := kept_so_far()):
+        # the blocks of this build and of the stopped ones it went on from
+        if progress and save_to is not None and (kept := rows_in_parts(save_to, tower)):
             print(f"the {kept} blocks embedded so far are kept in {Path(save_to) / UNFINISHED}: the next build of "
                   f"this index goes on from them", file=sys.stderr)
         raise
@@ -259,55 +267,104 @@ def index_is_current(index_dir: str | Path, key: str) -> bool:
     return latest_version(index_dir) is not None and read_manifest(index_dir).get("embedding_key") == key
 
 
-def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder, resumable: bool,
-                            reuse_from: tuple[str | Path, ...] = ()) -> tuple[np.ndarray, tuple, np.ndarray,
-                                                                             np.ndarray, dict[str, int]]:
+def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder,
+                            reuse_from: tuple[str | Path, ...] = (), with_parts: bool = True
+                            ) -> tuple[np.ndarray, tuple, np.ndarray, np.ndarray, dict[str, int]]:
     """The block digests [N, 16], the tower, and what :func:`reuse_identical_blocks` finds for them in kept versions
-    (and, ``resumable``, in the folder's unfinished parts): embeddings [N, D], filled [N], rows taken per source."""
+    (and ``with_parts``, in the folder's unfinished parts): embeddings [N, D], filled [N], rows taken per source."""
     digests = block_digests(store)  # [N, 16]
     tower = (weights_hash(doc_embedder), cfg.embedder.pooling, cfg.embedder.proj_dim)
     folders = _donor_folders(cfg.index.dir, reuse_from)
     sources = itertools.chain(itertools.chain.from_iterable(kept_versions(f) for f in folders),
-                              unfinished_parts(cfg.index.dir) if resumable else ())
+                              unfinished_parts(cfg.index.dir) if with_parts else ())
     return digests, tower, *reuse_identical_blocks(digests, tower, doc_embedder.dim, sources)
 
 
-def embed_share(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | None = None,
-                store: CorpusStore | None = None, reuse_from: tuple[str | Path, ...] = ()) -> int:
-    """This rank's part of a build under torchrun, called on every rank: every world-size-th block (from this rank's
-    number) of those no kept version or unfinished part holds yet, embedded on this rank's device and saved as
-    parts of the unfinished build of ``cfg.index.dir`` (a folder every rank shares); once every rank has saved its
-    share, rank 0's :func:`build_index` (with the same arguments) takes them all. Returns how many blocks this rank
-    embedded."""
+def _embed_and_save(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder, rows: np.ndarray,
+                    digests: np.ndarray, tower: tuple, progress: bool) -> None:
+    """Embed the blocks ``rows`` and save them as parts of ``cfg.index.dir``'s unfinished build."""
+    if len(rows):
+        with autocast(doc_embedder.device, cfg.runtime.precision):
+            embed_saving_parts(doc_embedder, store, rows, digests, cfg.index.embed_batch_tokens, tower,
+                               cfg.index.dir, progress, save_at_end=True)
+
+
+def build_index_on_ranks(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | None = None,
+                         store: CorpusStore | None = None, reuse_from: tuple[str | Path, ...] = ()
+                         ) -> tuple[str | None, int]:
+    """:func:`build_index` under torchrun, called on every rank: each embeds every world-size-th block (from its
+    rank) of those no kept version or unfinished part holds yet, on its device, and saves them as parts of the
+    unfinished build of ``cfg.index.dir`` (a folder every rank shares); rank 0's build_index then takes them all and
+    publishes, while the others wait for that version. With one process, build_index. Returns the version (None on
+    ranks other than 0) and how many blocks this rank embedded as its share."""
     from realm_lm.train import distributed
 
+    if distributed.world_size() == 1:
+        return build_index(cfg, progress=progress, doc_embedder=doc_embedder, store=store, reuse_from=reuse_from), 0
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
-    digests, tower, _, filled, _ = _reuse_what_is_embedded(cfg, store, doc_embedder, True, reuse_from)
+    main_rank = distributed.is_main()
+    digests, tower, _, filled, _ = _reuse_what_is_embedded(cfg, store, doc_embedder, reuse_from)
     share = np.flatnonzero(~filled)[distributed.rank()::distributed.world_size()]  # strided: blocks of every length
     distributed.barrier()  # every rank has read the folder before any rank adds its parts: the shares are disjoint
-    if len(share):
-        with autocast(doc_embedder.device, cfg.runtime.precision):
-            embed_saving_parts(doc_embedder, store, share, digests, cfg.index.embed_batch_tokens, tower,
-                               cfg.index.dir, progress, save_at_end=True)
+    _embed_and_save(cfg, store, doc_embedder, share, digests, tower, progress and main_rank)
     distributed.barrier()  # every share is saved before rank 0 takes them
-    return len(share)
+    if main_rank:
+        return build_index(cfg, progress=progress, doc_embedder=doc_embedder, store=store, reuse_from=reuse_from), \
+            len(share)
+    wait_until_current(cfg.index.dir, tower_key(cfg, doc_embedder, store))
+    return None, len(share)
+
+
+def rows_in_parts(index_dir: str | Path, tower: tuple) -> int:
+    """How many block embeddings by ``tower`` the unfinished parts of ``index_dir`` hold."""
+    return sum(manifest.get("n_rows", 0) for _, manifest in unfinished_parts(index_dir) if _tower_of(manifest) == tower)
+
+
+def build_index_in_shares(cfg: RunConfig, shard: int, shards: int, embedder_step: int | None,
+                          doc_embedder: Embedder, store: CorpusStore | None = None, poll_s: float = 0.5) -> str | None:
+    """One of ``shards`` builder processes that re-embed the corpus together: the pre-training refresh under
+    torchrun, one builder per rank on its rank's device, with nothing to synchronise them but the index folder
+    they share. Each embeds every shards-th block (from its number) of those not yet embedded by this tower and
+    saves them as a part of the unfinished build. Builder 0 then waits for the others' parts, for at most twice its
+    own share's time (at least SHARE_WAIT_MIN_S), and publishes the version with :func:`build_index`, which embeds whatever
+    a builder failed to save in time. Returns the version published by builder 0, None for the others."""
+    store = store or CorpusStore(cfg.corpus.store)
+    t0 = time.perf_counter()
+    # planned without the parts, which builders that started earlier may be adding: the shares are disjoint
+    digests, tower, _, filled, _ = _reuse_what_is_embedded(cfg, store, doc_embedder, with_parts=False)
+    missing = np.flatnonzero(~filled)
+    _embed_and_save(cfg, store, doc_embedder, missing[shard::shards], digests, tower, progress=False)
+    if shard != 0:
+        return None
+    deadline = time.monotonic() + max(SHARE_WAIT_MIN_S, 2 * (time.perf_counter() - t0))
+    while rows_in_parts(cfg.index.dir, tower) < len(missing) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return build_index(cfg, embedder_step, progress=False, doc_embedder=doc_embedder, store=store, save_parts=False)
+
+
+def wait_until_current(index_dir: str | Path, key: str, poll_s: float = 1.0) -> None:
+    """Wait until ``index_dir``'s latest version holds ``key``'s embeddings: how ranks other than 0 wait for the
+    version rank 0 builds, without a collective (whose timeout, 30 minutes by default, an HNSW build over millions of
+    blocks can outlast). Should rank 0 fail instead, torchrun stops every rank."""
+    while not index_is_current(index_dir, key):
+        time.sleep(poll_s)
 
 
 def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool = True,
                 doc_embedder: Embedder | None = None, store: CorpusStore | None = None,
-                reuse_from: tuple[str | Path, ...] = (), resumable: bool = True) -> str:
+                reuse_from: tuple[str | Path, ...] = (), save_parts: bool = True) -> str:
     """Embed the corpus store with the document tower (default: the one ``cfg.embedder`` describes) and publish a
     new version to ``cfg.index.dir``. A given tower embeds where it lies; the default one on ``cfg.runtime``'s
     device. Blocks that a kept version of the same tower already embedded (this corpus or another sharing them,
-    in that folder, beside it or in the ``reuse_from`` folders: a fine-tuning run's starting index) are reused.
-    ``resumable``: save the blocks embedded so far as the build goes, and take those an earlier build of this
-    folder saved before it was killed or interrupted (the refresher's builds are of weights no later build shares)."""
+    in that folder, beside it or in the ``reuse_from`` folders: a fine-tuning run's starting index), or that the
+    folder's unfinished parts hold (a build that was stopped, or torchrun's shares), are taken, not embedded.
+    ``save_parts``: save the blocks embedded so far as the build goes, so that a build killed or interrupted is
+    resumed (not for the refresher's builds: no later build shares their weights)."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
     t0 = time.perf_counter()
-    digests, tower, embeddings, filled, taken = _reuse_what_is_embedded(cfg, store, doc_embedder, resumable,
-                                                                        reuse_from)
+    digests, tower, embeddings, filled, taken = _reuse_what_is_embedded(cfg, store, doc_embedder, reuse_from)
     doc_hash = tower[0]
     from_parts = sum(n for path, n in taken.items() if Path(path).parent.name == UNFINISHED)
     if from_parts and progress:
@@ -318,7 +375,7 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         with autocast(doc_embedder.device, cfg.runtime.precision):
             embeddings[missing] = embed_saving_parts(doc_embedder, store, missing, digests,
                                                      cfg.index.embed_batch_tokens, tower,
-                                                     cfg.index.dir if resumable else None, progress)
+                                                     cfg.index.dir if save_parts else None, progress)
     embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     index = make_index(cfg.index)

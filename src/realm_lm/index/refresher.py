@@ -6,8 +6,12 @@ version if there is one, between steps, without waiting, and (2) when the schedu
 running, writes a weight snapshot and starts a builder. ``sync`` mode runs the same builder and waits for it
 (for comparison); ``never`` keeps the first index (the "stale index" ablation).
 
+Under torchrun every rank launches a builder at the same step, each on its rank's device, and each embeds a share of
+the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version. So a refresh takes 1/N of
+the time, and the index is N times less stale.
+
 Run as a module, this file is the builder:
-``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP TRAINER_PID``.
+``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP TRAINER_PID SHARD SHARDS``.
 """
 
 from __future__ import annotations
@@ -29,14 +33,15 @@ from realm_lm.config import RunConfig, config_from_dict, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.errors import RealmError
 from realm_lm.index.backends import Index
-from realm_lm.index.build import index_is_current, tower_key
+from realm_lm.index.build import index_is_current, tower_key, wait_until_current
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
+from realm_lm.train import distributed
 
 
 class IndexBuilderError(RealmError, RuntimeError):
-    """The builder process failed ``refresh.max_failures`` times in a row, or could not build the first index."""
+    """A builder process failed ``refresh.max_failures`` times in a row, or could not build the first index."""
 
 
 @dataclass
@@ -59,23 +64,25 @@ class RefreshStats:
     swaps: int = 0
     failures: int = 0
     failures_in_row: int = 0
+    last_exit: int | None = None  # the exit code of the last builder that failed
     durations_s: list[float] = field(default_factory=list)  # builder wall time of each published refresh
 
 
 class IndexRefresher:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore, launches: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, store: CorpusStore):
         self.run_dir = Path(run_dir)
         self.cfg = replace(cfg, index=replace(cfg.index, dir=str(self.run_dir / "index")))
         self.store = store
-        # with several ranks only one launches builders; the others just swap in what it publishes
-        self.launches = launches
-        self.schedule = RefreshSchedule(cfg.refresh.every, cfg.refresh.mode if launches else "never")
+        self.shard, self.shards = distributed.rank(), distributed.world_size()  # this rank's builders' share
+        # snapshots, builder config and log: RUN/refresh (rank 0, or one process), RUN/refresh/rankR (the others)
+        self.refresh_dir = self.run_dir / "refresh" / (f"rank{self.shard}" if self.shard else "")
+        self.schedule = RefreshSchedule(cfg.refresh.every, cfg.refresh.mode)
         self.stats = RefreshStats()
         self.builder: subprocess.Popen | None = None
         self.builder_started = 0.0
         self.index: Index | None = None
         self.manifest: dict[str, Any] = {}
-        (self.run_dir / "refresh").mkdir(parents=True, exist_ok=True)
+        self.refresh_dir.mkdir(parents=True, exist_ok=True)
 
     # -- the trainer's view -------------------------------------------------------------------------------
     @property
@@ -89,17 +96,19 @@ class IndexRefresher:
     def start(self, doc: Embedder, step: int) -> None:
         """Load the newest published version, or build the first one now (the trainer waits for this one). A fresh
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
-        weights. A resumed run takes the newest version, as the run it continues did. A rank that launches no
-        builders takes what the one that does published before the barrier."""
-        if self.launches and (step == 0 or latest_version(self.cfg.index.dir) is None):
-            key = tower_key(self.cfg, doc, self.store)
-            if not index_is_current(self.cfg.index.dir, key):
-                t0 = time.perf_counter()
-                self._launch(doc, step)
-                self._wait()
-                self.stats.initial_build_s += time.perf_counter() - t0
-                if not index_is_current(self.cfg.index.dir, key):  # nothing published, or only an earlier run's
-                    raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
+        weights. A resumed run takes the newest version, as the run it continues did. Under torchrun every rank
+        launches a builder of its share, and every rank waits for the version rank 0's builder publishes."""
+        key = tower_key(self.cfg, doc, self.store)
+        fresh = step == 0 or latest_version(self.cfg.index.dir) is None
+        if distributed.any_rank(fresh and not index_is_current(self.cfg.index.dir, key)):  # every rank, or none
+            t0 = time.perf_counter()
+            self._launch(doc, step)
+            self._wait()
+            if self.shard == 0 and not index_is_current(self.cfg.index.dir, key):  # nothing published, or an
+                # earlier run's only; the error ends this rank, and torchrun then stops the others
+                raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
+            wait_until_current(self.cfg.index.dir, key)  # the others: until rank 0's builder has published
+            self.stats.initial_build_s += time.perf_counter() - t0
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
         self.schedule.last_started = step if built_at is None else int(built_at)
@@ -108,12 +117,17 @@ class IndexRefresher:
         """The one call per training step. Returns True when a new index version was swapped in."""
         self._reap()
         swapped = self._swap_if_newer()
-        if self.schedule.due(step, self.builder is not None):
+        # under torchrun the ranks agree (one small all-reduce): they launch their shares at the same step, once no
+        # rank's builder is running, and stop together when one rank's builders keep failing
+        running, failing = distributed.any_rank_each([self.builder is not None, self._failing()])
+        self._stop_if(failing)
+        if self.schedule.due(step, running):
             self._launch(doc, step)
             if self.schedule.mode == "sync":
                 t0 = time.perf_counter()
                 self._wait()
                 self.stats.waited_s += time.perf_counter() - t0
+                self._stop_if(distributed.any_rank(self._failing()))
                 swapped = self._swap_if_newer() or swapped
         return swapped
 
@@ -126,17 +140,17 @@ class IndexRefresher:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _launch(self, doc: Embedder, step: int) -> None:
-        snapshot = self.run_dir / "refresh" / f"doc_tower_step{step:07d}.safetensors"
+        snapshot = self.refresh_dir / f"doc_tower_step{step:07d}.safetensors"
         tmp = snapshot.with_name(f".{snapshot.name}.tmp")
         save_model(doc, str(tmp))
         os.replace(tmp, snapshot)
-        cfg_path = self.run_dir / "refresh" / "config.json"
+        cfg_path = self.refresh_dir / "config.json"
         cfg_path.write_text(json.dumps(config_to_dict(self.cfg)))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cfg.refresh.threads)}
-        with open(self.run_dir / "refresh" / "builder.log", "a") as log:  # the child keeps its own copy of the fd
+        with open(self.refresh_dir / "builder.log", "a") as log:  # the child keeps its own copy of the fd
             self.builder = subprocess.Popen(
                 [sys.executable, "-m", "realm_lm.index.refresher", str(cfg_path), str(snapshot), str(step),
-                 str(os.getpid())],
+                 str(os.getpid()), str(self.shard), str(self.shards)],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
                 # a process group of its own: a Ctrl-C in the terminal is the trainer's to handle (it stops the
                 # builder); the same session, so the kernel shares the CPU between them as before (autogroups)
@@ -155,7 +169,7 @@ class IndexRefresher:
             return
         code = self.builder.returncode
         self.builder = None
-        for old in sorted((self.run_dir / "refresh").glob("doc_tower_step*.safetensors"))[:-1]:
+        for old in sorted(self.refresh_dir.glob("doc_tower_step*.safetensors"))[:-1]:
             old.unlink(missing_ok=True)
         if code == 0:
             self.stats.durations_s.append(time.perf_counter() - self.builder_started)
@@ -163,16 +177,29 @@ class IndexRefresher:
             return
         self.stats.failures += 1
         self.stats.failures_in_row += 1
-        if self.stats.failures_in_row >= self.cfg.refresh.max_failures:
-            # training on would silently turn the run into the never-refreshed ablation
+        self.stats.last_exit = code
+        if not self._failing():
+            print(f"index builder failed (exit {code}); see {self.refresh_dir / 'builder.log'}; "
+                  f"training goes on with index {self.version}", file=sys.stderr)
+
+    def _failing(self) -> bool:
+        """Whether this rank's builders failed too often: training on would silently turn the run into the
+        never-refreshed ablation."""
+        return self.stats.failures_in_row >= self.cfg.refresh.max_failures
+
+    def _stop_if(self, failing_on_any_rank: bool) -> None:
+        if not failing_on_any_rank:
+            return
+        if self._failing():
             raise IndexBuilderError(f"the index builder failed {self.stats.failures_in_row} times in a row (last exit "
-                                    f"{code}); training stops at index {self.version}. The builder's log ends:\n"
-                                    f"{self._log_tail()}")
-        print(f"index builder failed (exit {code}); see {self.run_dir / 'refresh' / 'builder.log'}; "
-              f"training goes on with index {self.version}", file=sys.stderr)
+                                    f"{self.stats.last_exit}); training stops at index {self.version}. The builder's "
+                                    f"log ends:\n{self._log_tail()}")
+        raise IndexBuilderError(f"the index builder of another rank failed {self.cfg.refresh.max_failures} times in a "
+                                f"row (its log: {self.run_dir / 'refresh'}/rank*/builder.log); training stops at index "
+                                f"{self.version}")
 
     def _log_tail(self, lines: int = 8) -> str:
-        log = self.run_dir / "refresh" / "builder.log"
+        log = self.refresh_dir / "builder.log"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no builder log)"
 
     def _swap_if_newer(self) -> bool:
@@ -184,15 +211,19 @@ class IndexRefresher:
         return True
 
 
-def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int) -> str:
-    """The builder's job: document tower from the snapshot -> embeddings of every block -> a published version."""
-    from realm_lm.index.build import build_index
+def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int, shard: int = 0, shards: int = 1) -> str | None:
+    """The builder's job: document tower from the snapshot -> embeddings of every block (or of this builder's share,
+    one of ``shards``) -> a published version (by builder 0; the others return None)."""
+    from realm_lm.index.build import build_index, build_index_in_shares
 
     torch.set_num_threads(cfg.refresh.threads)
+    distributed.use_local_gpu()  # a builder of rank r embeds on rank r's GPU
     doc = build_retriever(replace(cfg.embedder, checkpoint="")).doc
     load_model(doc, str(snapshot))
     doc.to(resolve_device(cfg.runtime))
-    return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc, resumable=False)
+    if shards == 1:
+        return build_index(cfg, embedder_step=step, progress=False, doc_embedder=doc, save_parts=False)
+    return build_index_in_shares(cfg, shard, shards, step, doc)
 
 
 def exit_with_trainer(trainer_pid: int, poll_s: float = 0.2) -> None:
@@ -209,12 +240,13 @@ def exit_with_trainer(trainer_pid: int, poll_s: float = 0.2) -> None:
 
 
 if __name__ == "__main__":
-    config_json, snapshot_path, step_text, trainer_pid = sys.argv[1:5]
+    config_json, snapshot_path, step_text, trainer_pid, shard_text, shards_text = sys.argv[1:7]
     exit_with_trainer(int(trainer_pid))
     from realm_lm.runtime import setup_runtime
 
     run_cfg = config_from_dict(json.loads(Path(config_json).read_text()))
     setup_runtime(run_cfg)
     t0 = time.perf_counter()
-    name = build_from_snapshot(run_cfg, Path(snapshot_path), int(step_text))
-    print(f"published {name} (embedder step {step_text}) in {time.perf_counter() - t0:.1f}s", flush=True)
+    name = build_from_snapshot(run_cfg, Path(snapshot_path), int(step_text), int(shard_text), int(shards_text))
+    done = f"published {name}" if name else f"saved share {shard_text} of {shards_text}"
+    print(f"{done} (embedder step {step_text}) in {time.perf_counter() - t0:.1f}s", flush=True)

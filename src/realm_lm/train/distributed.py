@@ -1,8 +1,8 @@
 """Data-parallel training through torchrun / torch.distributed (gloo on CPU, nccl on GPU).
 
-Each rank draws its own batch (seeded by step and rank), gradients are averaged with all-reduce, rank 0 alone
-publishes index versions (every rank embeds a share of a fine-tuning run's index: index.build.embed_share) or launches
-index builders, writes checkpoints and the metrics log; every rank reads the index versions
+Each rank draws its own batch (seeded by step and rank), gradients are averaged with all-reduce, every rank embeds a
+share of an index (index.build.build_index_on_ranks; the refresh's builders: index.refresher) and rank 0 alone publishes it,
+writes checkpoints and the metrics log; every rank reads the index versions
 from the shared run folder. ICT's in-batch negatives come from every rank (``gather_rows``). With one process
 (no torchrun) every helper is a no-op.
 """
@@ -20,10 +20,16 @@ from torch import nn
 
 def init() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():  # one GPU per rank: "cuda" then means this rank's own
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        use_local_gpu()
         # on GPUs, CUDA tensors go over nccl and the CPU ones (metrics, the stop flag) over gloo: nccl has no CPU path
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+
+
+def use_local_gpu() -> None:
+    """One GPU per rank: "cuda" then means this rank's own (torchrun's LOCAL_RANK; also in the index builders a
+    rank launches, which inherit its environment)."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 @contextmanager
@@ -61,11 +67,16 @@ def barrier() -> None:
 
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any rank; every rank gets the same answer (one small message)."""
+    return any_rank_each([flag])[0]
+
+
+def any_rank_each(flags: list[bool]) -> list[bool]:
+    """For each of ``flags``, whether it is true on any rank, in one small message."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)])
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def broadcast_parameters(model: nn.Module) -> None:

@@ -21,7 +21,7 @@ from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.questions import Question, load_questions, read_qa_file
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.index.build import build_index, embed_share, index_is_current, tower_key
+from realm_lm.index.build import build_index_on_ranks, index_is_current, tower_key
 from realm_lm.index.versioned import load_index
 from realm_lm.losses import reader_marginal_nll, retriever_marginal_nll
 from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
@@ -145,12 +145,7 @@ class FinetuneRecipe:
         # a run folder written before may hold the old weights' index; under torchrun every rank embeds a share of
         # the blocks, then rank 0 publishes, and every rank reads
         if not index_is_current(own.index.dir, tower_key(own, doc, self.store)):
-            build = dict(doc_embedder=doc, store=self.store, reuse_from=(base.index.dir,))
-            if distributed.world_size() > 1:
-                embed_share(own, progress=progress and distributed.is_main(), **build)
-            if distributed.is_main():
-                build_index(own, progress=progress, **build)
-        distributed.barrier()
+            build_index_on_ranks(own, progress, doc_embedder=doc, store=self.store, reuse_from=(base.index.dir,))
         self.index, manifest = load_index(own.index.dir, self.store, cfg=own.index)
         self.block_emb = np.load(Path(own.index.dir) / "versions" / manifest["version"] / "embeddings.npy",
                                  mmap_mode="r")  # [N, D], the fixed document embeddings

@@ -111,12 +111,8 @@ class PretrainRecipe:
             self.resume(ckpt)
         if distributed.is_main():
             truncate_metrics_log(self.run_dir, self.step)
-        self.refresher = IndexRefresher(cfg, self.run_dir, self.store, launches=distributed.is_main())
-        if distributed.is_main():
-            self.refresher.start(self.model.retriever.doc, self.step)
-        distributed.barrier()  # the first index exists before any rank trains
-        if not distributed.is_main():
-            self.refresher.start(self.model.retriever.doc, self.step)
+        self.refresher = IndexRefresher(cfg, self.run_dir, self.store)
+        self.refresher.start(self.model.retriever.doc, self.step)  # every rank, once the first index exists
 
     def resume(self, ckpt: Path) -> None:
         state = load_checkpoint(ckpt, self.model, self.opt)
