@@ -333,9 +333,12 @@ def test_refresh_builders_in_shares_publish_one_version_and_builder_0_covers_a_m
     assert build.build_index_in_shares(tiny_cfg, 1, 2, 7, doc) is None  # builder 1: its share saved, no version
     assert latest_version(tiny_cfg.index.dir) is None
     assert sum(m["n_rows"] for _, m in build.unfinished_parts(tiny_cfg.index.dir)) == n // 2
+    matched, match = [], build.match_digests
+    monkeypatch.setattr(build, "match_digests", lambda wanted, donor: matched.append(len(donor)) or match(wanted, donor))
     version = build.build_index_in_shares(tiny_cfg, 0, 2, 7, doc)
     m = read_manifest(tiny_cfg.index.dir, version)
     assert (m["rows_from_parts"], m["rows_embedded"], m["embedder_step"]) == (n, 0, 7)
+    assert matched == [n]  # the two parts matched in one pass (a resumed build at 13M blocks has hundreds)
     np.testing.assert_allclose(np.load(Path(tiny_cfg.index.dir) / "versions" / version / "embeddings.npy"),
                                reference, atol=1e-5)
     assert not list(build.unfinished_parts(tiny_cfg.index.dir))

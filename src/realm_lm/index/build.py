@@ -157,6 +157,34 @@ def match_digests(wanted: np.ndarray, donor: np.ndarray) -> np.ndarray:
     return np.where(same, candidate, -1)
 
 
+def _readable_source(path: Path, manifest: dict, tower: tuple, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A version's or part's embeddings [M, D] (memory-mapped) and block digests [M, 16], if ``tower`` made them and
+    they can be read; else None."""
+    if _tower_of(manifest) != tower or manifest.get("dim") != dim:
+        return None
+    try:
+        embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
+    except (OSError, ValueError):
+        return None
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim:
+        return None
+    digests = _donor_digests(path, manifest, len(embeddings))  # [M, 16]
+    return None if digests is None else (embeddings, digests)
+
+
+def _source_groups(sources: Iterable[tuple[Path, dict]]) -> Iterator[list[tuple[Path, dict]]]:
+    """Each kept version alone, in order, then every unfinished part together: matching costs seconds at 13M blocks
+    whatever the donor's size, and a build resumed at that scale has hundreds of parts."""
+    parts = []
+    for path, manifest in sources:
+        if path.parent.name == UNFINISHED:
+            parts.append((path, manifest))
+        else:
+            yield [(path, manifest)]
+    if parts:
+        yield parts
+
+
 def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int, sources: Iterable[tuple[Path, dict]]
                            ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (:func:`block_digests`) that one of ``sources``
@@ -166,27 +194,25 @@ def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int, sources:
     embeddings = np.zeros((len(digests), dim), dtype=np.float32)
     filled = np.zeros(len(digests), dtype=bool)
     taken: dict[str, int] = {}
-    for path, manifest in sources:
-        if _tower_of(manifest) != tower or manifest.get("dim") != dim:
+    for group in _source_groups(sources):
+        readable = [(path, *found) for path, manifest in group
+                    if (found := _readable_source(path, manifest, tower, dim)) is not None]
+        if not readable:
             continue
-        try:
-            donor_embeddings = np.load(path / "embeddings.npy", mmap_mode="r")  # [M, D]
-        except (OSError, ValueError):
-            continue
-        if donor_embeddings.ndim != 2 or donor_embeddings.shape[1] != dim:
-            continue
-        donor_digests = _donor_digests(path, manifest, len(donor_embeddings))  # [M, 16]
-        if donor_digests is None:
-            continue
-        rows = np.flatnonzero(~filled)  # each block is taken from the first source that holds it
-        donor_rows = match_digests(digests[rows], donor_digests)  # [len(rows)]
-        found = donor_rows >= 0
-        if found.any():
-            rows, donor_rows = rows[found], donor_rows[found]
-            order = np.argsort(donor_rows)  # ascending rows read the memory-mapped donor in order
-            embeddings[rows[order]] = donor_embeddings[donor_rows[order]]
-            filled[rows] = True
-            taken[str(path)] = len(rows)
+        sizes = [len(donor_digests) for _, _, donor_digests in readable]
+        starts = np.cumsum([0, *sizes])  # source i holds the group's rows starts[i]:starts[i + 1]
+        rows = np.flatnonzero(~filled)  # each block is taken from the first group that holds it
+        group_rows = match_digests(digests[rows], np.concatenate([d for _, _, d in readable]))  # [len(rows)]
+        found = group_rows >= 0
+        order = np.argsort(group_rows[found])  # by source, and ascending within one: reads each memmap in order
+        rows, group_rows = rows[found][order], group_rows[found][order]
+        bounds = np.searchsorted(group_rows, starts)  # each source's stretch of the matches
+        for i, (path, donor_embeddings, _) in enumerate(readable):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                embeddings[rows[lo:hi]] = donor_embeddings[group_rows[lo:hi] - starts[i]]
+                taken[str(path)] = int(hi - lo)
+        filled[rows] = True
         if filled.all():
             break
     return embeddings, filled, taken
