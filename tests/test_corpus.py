@@ -72,6 +72,22 @@ def test_store_round_trip_and_stable_ids(tiny_cfg, tmp_path):
         assert "".join(t for d, t in zip(first.doc_ids, first.texts) if d == doc_id) == text
 
 
+def test_the_store_keeps_its_block_digests_and_an_older_store_computes_them(tiny_cfg):
+    """Index builds match blocks by these digests; written with the store, they cost a build no hashing."""
+    import hashlib
+
+    folder = build_corpus(tiny_cfg)
+    store = CorpusStore(folder)
+    kept = np.load(folder / "block_digests.npy")
+    row = 3
+    assert kept[row].tobytes() == hashlib.blake2b(store.tokens[row, :store.lengths[row]].tobytes(),
+                                                  digest_size=16).digest()
+    assert len(np.unique(kept, axis=0)) == len(store)  # the tiny corpus has no two blocks alike
+    (folder / "block_digests.npy").unlink()  # a store written before they were kept
+    np.testing.assert_array_equal(CorpusStore(folder).block_digests, kept)
+    np.testing.assert_array_equal(store.block_digests, kept)
+
+
 def _cfg_with_input(tmp_path, content: str, name: str = "docs.jsonl", *extra: str):
     path = tmp_path / name
     path.write_text(content)

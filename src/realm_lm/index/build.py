@@ -86,26 +86,6 @@ def tower_key(cfg: RunConfig, doc_embedder: Embedder, store: CorpusStore) -> str
     return embedding_key(store.corpus_hash, weights_hash(doc_embedder), cfg)
 
 
-_last_digests: dict[tuple[str, str], np.ndarray] = {}  # the last store's: one process plans a share, then builds
-
-
-def block_digests(store: CorpusStore) -> np.ndarray:
-    """A 16-byte digest of each block's wordpieces [N, 16]: the tower's whole input, so equal digests mean equal
-    embeddings. Kept with each index version, so that its rows can be matched after the store is rebuilt. The last
-    store's are kept in memory (about 40 s of hashing at 13M blocks); its corpus hash covers every wordpiece."""
-    key = (str(Path(store.folder).resolve()), store.corpus_hash)
-    if key in _last_digests:
-        return _last_digests[key]
-    out = np.empty((len(store), 16), dtype=np.uint8)
-    for row, length in enumerate(store.lengths):
-        out[row] = np.frombuffer(hashlib.blake2b(store.tokens[row, :length].tobytes(), digest_size=16).digest(),
-                                 np.uint8)
-    out.flags.writeable = False  # shared by every caller
-    _last_digests.clear()
-    _last_digests[key] = out
-    return out
-
-
 def _donor_digests(path: Path, manifest: dict, rows: int) -> np.ndarray | None:
     """The block digests of a version's rows: kept beside its embeddings, or (versions from before they were kept)
     computed from its corpus store if that is still the store it was built from."""
@@ -118,7 +98,7 @@ def _donor_digests(path: Path, manifest: dict, rows: int) -> np.ndarray | None:
             return None
         if donor.corpus_hash != manifest.get("corpus_hash"):
             return None  # rebuilt since: its rows are not that version's rows
-        digests = block_digests(donor)
+        digests = donor.block_digests
     return digests if digests.shape == (rows, 16) else None
 
 
@@ -187,7 +167,7 @@ def _source_groups(sources: Iterable[tuple[Path, dict]]) -> Iterator[list[tuple[
 
 def reuse_identical_blocks(digests: np.ndarray, tower: tuple, dim: int, sources: Iterable[tuple[Path, dict]]
                            ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (:func:`block_digests`) that one of ``sources``
+    """Embeddings [N, D] of the blocks with ``digests`` [N, 16] (``CorpusStore.block_digests``) that one of ``sources``
     (kept versions, or the parts of an unfinished build: folder and manifest) already holds, embedded by the same
     tower from the same wordpieces (a corpus with documents added or changed: only those are embedded again); the
     mask [N] of rows filled, and how many rows each source gave."""
@@ -298,7 +278,7 @@ def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Em
                             ) -> tuple[np.ndarray, tuple, np.ndarray, np.ndarray, dict[str, int]]:
     """The block digests [N, 16], the tower, and what :func:`reuse_identical_blocks` finds for them in kept versions
     (and ``with_parts``, in the folder's unfinished parts): embeddings [N, D], filled [N], rows taken per source."""
-    digests = block_digests(store)  # [N, 16]
+    digests = store.block_digests  # [N, 16]
     tower = (weights_hash(doc_embedder), cfg.embedder.pooling, cfg.embedder.proj_dim)
     folders = _donor_folders(cfg.index.dir, reuse_from)
     sources = itertools.chain(itertools.chain.from_iterable(kept_versions(f) for f in folders),

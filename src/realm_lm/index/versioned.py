@@ -102,7 +102,7 @@ def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifes
     """Write a new version and point LATEST at it; returns its name. The files are written under a name of the
     builder's own, so that builders publishing into one folder at once (two commands re-embedding one run's index)
     never touch each other's; the version number and LATEST are then taken under a lock on the folder.
-    ``block_digests`` [N, 16]: what each row embedded (index.build.block_digests), for later builds to reuse."""
+    ``block_digests`` [N, 16]: what each row embedded (CorpusStore.block_digests), for later builds to reuse."""
     index_dir = Path(index_dir)
     versions = index_dir / "versions"
     versions.mkdir(parents=True, exist_ok=True)
