@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,28 @@ def test_three_steps_refresh_and_resume_reproduce_the_losses(tmp_path):
     assert rest[0]["loss"] == pytest.approx(losses[2], rel=1e-5)
     logged = [json.loads(l)["step"] for l in (part.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3]
+
+
+def test_a_resumed_run_goes_back_to_the_index_its_checkpoint_used(tmp_path, capsys):
+    """Killed after refreshes that followed its last checkpoint, a run resumes on the index version it used at that
+    checkpoint (the later ones are deleted: their weights are past it), and so repeats the steps it lost exactly."""
+    run = recipe_for(tmp_path, "refresh.every=1", "pretrain.steps=4", "pretrain.save_every=2")
+    run.setup()
+    losses = [h["loss"] for h in run.train()]
+    run.close()
+    assert latest_version(run.run_dir / "index") == "v000004"  # embedded at step 3, past the checkpoint at step 2
+    checkpoints = run.run_dir / "checkpoints"  # killed before the step 4 checkpoint was written:
+    shutil.rmtree(checkpoints / "step_0000004")
+    (checkpoints / "LATEST").write_text("step_0000002")
+
+    resumed = PretrainRecipe(run.cfg)
+    resumed.setup(resume=True)
+    assert "index back to v000002, the version in use at step 2 (v000003, v000004 embedded" in capsys.readouterr().err
+    assert resumed.refresher.version == "v000002"
+    rest = resumed.train()
+    resumed.close()
+    assert [h["step"] for h in rest] == [3, 4]
+    assert [h["loss"] for h in rest] == pytest.approx(losses[2:], rel=1e-6)
 
 
 def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weights(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.errors import RealmError
 from realm_lm.index.backends import Index
 from realm_lm.index.build import index_is_current, tower_key, wait_until_current
-from realm_lm.index.versioned import latest_version, load_index
+from realm_lm.index.versioned import kept_versions, latest_version, load_index, rewind
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
 from realm_lm.train import distributed
@@ -93,11 +93,15 @@ class IndexRefresher:
         """Training steps between the weights that embedded the index in use and the current weights."""
         return step - int(self.manifest.get("embedder_step") or 0)
 
-    def start(self, doc: Embedder, step: int) -> None:
+    def start(self, doc: Embedder, step: int, checkpoint_version: str | None = None) -> None:
         """Load the newest published version, or build the first one now (the trainer waits for this one). A fresh
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
-        weights. A resumed run takes the newest version, as the run it continues did. Under torchrun every rank
-        launches a builder of its share, and every rank waits for the version rank 0's builder publishes."""
+        weights. A run resumed from a checkpoint goes back to the version it used then (``checkpoint_version``; if
+        that one is no longer kept, the newest embedded at or before the checkpoint's step): versions published after
+        it came from weights past the checkpoint. Under torchrun every rank launches a builder of its share, and every
+        rank waits for the version rank 0's builder publishes."""
+        if step > 0 and self.shard == 0:  # before the ranks' first collective: every rank then reads LATEST
+            self._rewind_to_checkpoint(step, checkpoint_version)
         key = tower_key(self.cfg, doc, self.store)
         fresh = step == 0 or latest_version(self.cfg.index.dir) is None
         if distributed.any_rank(fresh and not index_is_current(self.cfg.index.dir, key)):  # every rank, or none
@@ -130,6 +134,15 @@ class IndexRefresher:
                 self._stop_if(distributed.any_rank(self._failing()))
                 swapped = self._swap_if_newer() or swapped
         return swapped
+
+    def _rewind_to_checkpoint(self, step: int, checkpoint_version: str | None) -> None:
+        kept = {path.name: manifest for path, manifest in kept_versions(self.cfg.index.dir)}  # newest first
+        target = checkpoint_version if checkpoint_version in kept else next(
+            (name for name, m in kept.items() if (m.get("embedder_step") or 0) <= step), None)
+        if target is not None and target != latest_version(self.cfg.index.dir):
+            dropped = rewind(self.cfg.index.dir, target)
+            print(f"index back to {target}, the version in use at step {step} ({', '.join(dropped)} embedded by "
+                  f"weights past the checkpoint: deleted)", file=sys.stderr)
 
     def close(self) -> None:
         """Stop a running builder (its staging folder is discarded; published versions stay)."""

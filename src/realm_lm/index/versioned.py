@@ -131,6 +131,21 @@ def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifes
     return name
 
 
+def rewind(index_dir: str | Path, version: str) -> list[str]:
+    """Point LATEST back at ``version`` and delete the versions published after it; returns their names. For a run
+    resumed from a checkpoint taken while it used ``version``: the later ones were embedded by weights the resumed
+    run has not reached (or will reach differently)."""
+    index_dir = Path(index_dir)
+    with _folder_lock(index_dir):
+        later = [name for name in _versions(index_dir) if name > version]
+        tmp = index_dir / f".LATEST.tmp-{os.getpid()}"
+        tmp.write_text(version)
+        os.replace(tmp, index_dir / "LATEST")  # first: a reader of LATEST never meets a deleted version
+        for name in later:
+            shutil.rmtree(index_dir / "versions" / name, ignore_errors=True)
+    return later
+
+
 def read_manifest(index_dir: str | Path, version: str | None = None) -> dict[str, Any]:
     index_dir = Path(index_dir)
     version = version or latest_version(index_dir)

@@ -59,6 +59,7 @@ class PretrainRecipe:
         self.cfg = cfg
         self.run_dir = Path(p.run_dir)
         self.step = 0
+        self.checkpoint_index_version: str | None = None  # the index version a resumed checkpoint was trained on
 
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
@@ -112,11 +113,13 @@ class PretrainRecipe:
         if distributed.is_main():
             truncate_metrics_log(self.run_dir, self.step)
         self.refresher = IndexRefresher(cfg, self.run_dir, self.store)
-        self.refresher.start(self.model.retriever.doc, self.step)  # every rank, once the first index exists
+        # every rank, once the first index exists (resumed: the index the checkpoint used)
+        self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version)
 
     def resume(self, ckpt: Path) -> None:
         state = load_checkpoint(ckpt, self.model, self.opt)
         self.step = state["step"]
+        self.checkpoint_index_version = state.get("index_version")
         self.sched = linear_schedule(self.opt, warmup_steps(self.cfg), self.cfg.pretrain.steps, done=self.step)
         set_rng_state(state["rng"])
         print(f"resumed from {ckpt} at step {self.step}")
