@@ -119,7 +119,8 @@ def test_a_resumed_run_goes_back_to_the_index_its_checkpoint_used(tmp_path, caps
 
     resumed = PretrainRecipe(run.cfg)
     resumed.setup(resume=True)
-    assert "index back to v000002, the version in use at step 2 (v000003, v000004 embedded" in capsys.readouterr().err
+    assert ("index back to v000002, the version the checkpoint was trained on; deleted v000003, v000004"
+            in capsys.readouterr().err)
     assert resumed.refresher.version == "v000002"
     rest = resumed.train()
     resumed.close()
@@ -284,6 +285,27 @@ def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
     assert f"resumed from {tmp_path / 'pretrain' / 'checkpoints' / saved}" in result.stdout
     steps = [json.loads(l)["step"] for l in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # the lines of the lost steps were dropped and redone: no gaps, no repeats
+
+
+def test_a_resume_whose_checkpoint_index_is_gone_goes_back_to_the_newest_embedded_before_it(tiny_cfg, capsys):
+    """With refresh.keep versions, the one a checkpoint used may be deleted already: the resumed run takes the newest
+    kept one embedded at or before its step instead, and a run with nothing that old keeps the folder as it is."""
+    from realm_lm.config import IndexConfig
+    from realm_lm.index.backends import make_index
+    from realm_lm.index.refresher import IndexRefresher
+    from realm_lm.index.versioned import publish
+
+    refresher = IndexRefresher(tiny_cfg, tiny_cfg.pretrain.run_dir, store=None)
+    index_dir = refresher.cfg.index.dir
+    for embedder_step in (10, 20, 30):  # v000001..v000003
+        index = make_index(IndexConfig())
+        index.build(np.zeros((2, 4), np.float32))
+        publish(index_dir, np.zeros((2, 4), np.float32), index, {"embedder_step": embedder_step})
+    refresher._rewind_to_checkpoint(25, "v000000")  # trained on a version no longer kept
+    assert latest_version(index_dir) == "v000002"
+    assert "the newest kept version embedded at or before step 25; deleted v000003" in capsys.readouterr().err
+    refresher._rewind_to_checkpoint(5, None)  # every kept version is newer than step 5: nothing to go back to
+    assert latest_version(index_dir) == "v000002"
 
 
 def test_a_builder_that_keeps_failing_stops_training_with_the_steps_saved(tmp_path, monkeypatch):

@@ -333,8 +333,8 @@ def build_index_in_shares(cfg: RunConfig, shard: int, shards: int, embedder_step
     torchrun, one builder per rank on its rank's device, with nothing to synchronise them but the index folder
     they share. Each embeds every shards-th block (from its number) of those not yet embedded by this tower and
     saves them as a part of the unfinished build. Builder 0 then waits for the others' parts, for at most twice its
-    own share's time (at least SHARE_WAIT_MIN_S), and publishes the version with :func:`build_index`, which embeds whatever
-    a builder failed to save in time. Returns the version published by builder 0, None for the others."""
+    own share's time (at least SHARE_WAIT_MIN_S), and publishes the version with :func:`build_index`, which embeds
+    whatever a builder failed to save in time. Returns the version published by builder 0, None for the others."""
     store = store or CorpusStore(cfg.corpus.store)
     t0 = time.perf_counter()
     # planned without the parts, which builders that started earlier may be adding: the shares are disjoint

@@ -141,8 +141,10 @@ class IndexRefresher:
             (name for name, m in kept.items() if (m.get("embedder_step") or 0) <= step), None)
         if target is not None and target != latest_version(self.cfg.index.dir):
             dropped = rewind(self.cfg.index.dir, target)
-            print(f"index back to {target}, the version in use at step {step} ({', '.join(dropped)} embedded by "
-                  f"weights past the checkpoint: deleted)", file=sys.stderr)
+            which = ("the version the checkpoint was trained on" if target == checkpoint_version else
+                     f"the newest kept version embedded at or before step {step}")
+            print(f"index back to {target}, {which}; deleted {', '.join(dropped)}, published after the checkpoint",
+                  file=sys.stderr)
 
     def close(self) -> None:
         """Stop a running builder (its staging folder is discarded; published versions stay)."""
