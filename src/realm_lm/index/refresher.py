@@ -7,8 +7,8 @@ running, writes a weight snapshot and starts a builder. ``sync`` mode runs the s
 (for comparison); ``never`` keeps the first index (the "stale index" ablation).
 
 Under torchrun every rank launches a builder at the same step, each on its rank's device, and each embeds a share of
-the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version. So a refresh takes 1/N of
-the time, and the index is N times less stale.
+the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version. Each builder thus embeds 1/N
+of the corpus, and the index stays fresher as ranks are added.
 
 Run as a module, this file is the builder:
 ``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP TRAINER_PID SHARD SHARDS``.
