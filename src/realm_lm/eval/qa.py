@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from realm_lm.answer import Answerer, Response
+from realm_lm.artifacts import write_text_atomic
 from realm_lm.corpus.questions import QaFileError, Question
 from realm_lm.eval.metrics import check_patterns, exact_match, f1_score, first_answer_rank, recall_from_ranks
 
@@ -53,7 +54,7 @@ def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: 
                             for q, response in zip(chunk, answerer.answer([q.question for q in chunk], top_n=1))]
                 records.extend(answered)
                 if log is not None:
-                    log.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered))
+                    log.write(_jsonl(answered))
                     log.flush()
                     os.fsync(log.fileno())
                 bar.update(len(chunk))
@@ -70,11 +71,7 @@ def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: 
     k = answerer.top_k
     recalls = recall_from_ranks([r["answer_rank"] for r in records], sorted({1, k}))
     if predictions:
-        path = Path(predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(predictions, _jsonl(records))
         partial.unlink(missing_ok=True)
     answered_now = len(questions) - resumed
     return {"em": round(100 * sum(r["exact_match"] for r in records) / n, 2),
@@ -134,9 +131,9 @@ def _answered_before(partial: Path, key: str, questions: Sequence[Question]) -> 
 
 def _open_partial(partial: Path, key: str, records: list[dict[str, Any]]):
     """PREDICTIONS.partial, written afresh with its key and the records kept (dropping a torn line), open to append."""
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial.with_name(f".{partial.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [{"evaluation_key": key}, *records]),
-                   encoding="utf-8")
-    os.replace(tmp, partial)
+    write_text_atomic(partial, _jsonl([{"evaluation_key": key}, *records]))
     return open(partial, "a", encoding="utf-8")
+
+
+def _jsonl(records: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

@@ -152,12 +152,17 @@ def _readable_source(path: Path, manifest: dict, tower: tuple, dim: int) -> tupl
     return None if digests is None else (embeddings, digests)
 
 
+def _is_part(path: str | Path) -> bool:
+    """Whether a source of reused blocks is a part of an unfinished build (else a kept version)."""
+    return Path(path).parent.name == UNFINISHED
+
+
 def _source_groups(sources: Iterable[tuple[Path, dict]]) -> Iterator[list[tuple[Path, dict]]]:
     """Each kept version alone, in order, then every unfinished part together: matching costs seconds at 13M blocks
     whatever the donor's size, and a build resumed at that scale has hundreds of parts."""
     parts = []
     for path, manifest in sources:
-        if path.parent.name == UNFINISHED:
+        if _is_part(path):
             parts.append((path, manifest))
         else:
             yield [(path, manifest)]
@@ -318,7 +323,7 @@ def build_index_on_ranks(cfg: RunConfig, progress: bool = True, doc_embedder: Em
     if main_rank:
         return build_index(cfg, progress=progress, doc_embedder=doc_embedder, store=store, reuse_from=reuse_from), \
             len(share)
-    wait_until_current(cfg.index.dir, tower_key(cfg, doc_embedder, store))
+    wait_until_current(cfg.index.dir, embedding_key(store.corpus_hash, tower[0], cfg))  # the tower, hashed above
     return None, len(share)
 
 
@@ -372,7 +377,7 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
     t0 = time.perf_counter()
     digests, tower, embeddings, filled, taken = _reuse_what_is_embedded(cfg, store, doc_embedder, reuse_from)
     doc_hash = tower[0]
-    from_parts = sum(n for path, n in taken.items() if Path(path).parent.name == UNFINISHED)
+    from_parts = sum(n for path, n in taken.items() if _is_part(path))
     if from_parts and progress:
         print(f"{from_parts} of {len(store)} blocks were embedded before, by a build that stopped or by torchrun's "
               f"ranks ({Path(cfg.index.dir) / UNFINISHED})", file=sys.stderr)
@@ -400,7 +405,7 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "embeddings_reused": len(missing) == 0,  # every row taken from an earlier version, none embedded
         "rows_embedded": int(len(missing)),
         "rows_from_parts": from_parts,  # from INDEX/unfinished/: a build that stopped, or torchrun's ranks' shares
-        "reused_from": [path for path in taken if Path(path).parent.name != UNFINISHED],  # versions that gave theirs
+        "reused_from": [path for path in taken if not _is_part(path)],  # versions that gave theirs
         "embed_seconds": round(embed_s, 3),
         "index_build_seconds": round(build_s, 3),
         "config": config_to_dict(cfg),

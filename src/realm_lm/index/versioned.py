@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from realm_lm.artifacts import staged_dir
+from realm_lm.artifacts import staged_dir, write_text_atomic
 from realm_lm.config import IndexConfig
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.errors import RealmError
@@ -120,9 +120,7 @@ def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifes
             existing = _versions(index_dir)
             name = f"v{int(existing[-1][1:]) + 1 if existing else 1:06d}"
             os.rename(unpublished, versions / name)
-            tmp = index_dir / f".LATEST.tmp-{os.getpid()}"
-            tmp.write_text(name)
-            os.replace(tmp, index_dir / "LATEST")
+            write_text_atomic(index_dir / "LATEST", name)
             for old in _versions(index_dir)[:-keep]:  # readers hold open files, so deleting an old folder is safe
                 shutil.rmtree(versions / old, ignore_errors=True)
     except BaseException:
@@ -138,9 +136,7 @@ def rewind(index_dir: str | Path, version: str) -> list[str]:
     index_dir = Path(index_dir)
     with _folder_lock(index_dir):
         later = [name for name in _versions(index_dir) if name > version]
-        tmp = index_dir / f".LATEST.tmp-{os.getpid()}"
-        tmp.write_text(version)
-        os.replace(tmp, index_dir / "LATEST")  # first: a reader of LATEST never meets a deleted version
+        write_text_atomic(index_dir / "LATEST", version)  # first: a reader of LATEST never meets a deleted version
         for name in later:
             shutil.rmtree(index_dir / "versions" / name, ignore_errors=True)
     return later

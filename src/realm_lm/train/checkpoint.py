@@ -7,7 +7,6 @@ A kill at any moment leaves the previous checkpoint intact; ``--resume`` loads t
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import sys
@@ -20,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from realm_lm.artifacts import staged_dir
+from realm_lm.artifacts import staged_dir, write_text_atomic
 from realm_lm.errors import RealmError
 
 
@@ -60,9 +59,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, opt: torch
             save_file(tensors, str(staging / "optim.safetensors"))
             state["optimizer"] = {"scalars": scalars, "param_groups": opt.state_dict()["param_groups"]}
         (staging / "state.json").write_text(json.dumps(state, indent=1))
-    tmp = folder / f".LATEST.tmp-{os.getpid()}"
-    tmp.write_text(final.name)
-    os.replace(tmp, folder / "LATEST")
+    write_text_atomic(folder / "LATEST", final.name)
     saved = sorted(p for p in folder.glob("step_*") if p.is_dir())
     # the last `keep` up to this step; any later one is of a run this one replaced (a fresh start in its folder), and
     # keeping it instead would rotate this run's own checkpoints out, LATEST with them
