@@ -107,19 +107,22 @@ def test_three_steps_refresh_and_resume_reproduce_the_losses(tmp_path):
 
 def test_a_resumed_run_goes_back_to_the_index_its_checkpoint_used(tmp_path, capsys):
     """Killed after refreshes that followed its last checkpoint, a run resumes on the index version it used at that
-    checkpoint (the later ones are deleted: their weights are past it), and so repeats the steps it lost exactly."""
-    run = recipe_for(tmp_path, "refresh.every=1", "pretrain.steps=4", "pretrain.save_every=2")
+    checkpoint (the later ones are deleted: their weights are past it), and so repeats the steps it lost exactly.
+    That version outlives refresh.keep later refreshes: the checkpoint pins it."""
+    run = recipe_for(tmp_path, "refresh.every=1", "refresh.keep=1", "pretrain.steps=4", "pretrain.save_every=2")
     run.setup()
     losses = [h["loss"] for h in run.train()]
     run.close()
     assert latest_version(run.run_dir / "index") == "v000004"  # embedded at step 3, past the checkpoint at step 2
+    kept = sorted(p.name for p in (run.run_dir / "index" / "versions").iterdir())
+    assert kept == ["v000002", "v000004"]  # keep=1 pruned v000001 and v000003, but not the checkpoint's
     checkpoints = run.run_dir / "checkpoints"  # killed before the step 4 checkpoint was written:
     shutil.rmtree(checkpoints / "step_0000004")
     (checkpoints / "LATEST").write_text("step_0000002")
 
     resumed = PretrainRecipe(run.cfg)
     resumed.setup(resume=True)
-    assert ("index back to v000002, the version the checkpoint was trained on; deleted v000003, v000004"
+    assert ("index back to v000002, the version the checkpoint was trained on; deleted v000004"
             in capsys.readouterr().err)
     assert resumed.refresher.version == "v000002"
     rest = resumed.train()

@@ -125,7 +125,7 @@ class RefreshConfig:
     mode: str = "async"  # async: a builder process re-embeds while training goes on | sync: training waits | never
     every: int = 50  # steps between index refreshes (paper: ~500 on TPUs; a CPU run takes fewer, slower steps)
     threads: int = 1  # intra-op threads of the builder process (the trainer keeps the rest)
-    keep: int = 3  # index versions kept on disk
+    keep: int = 3  # index versions kept on disk, besides the one the latest checkpoint used
     max_failures: int = 3  # builders failing in a row before training stops: an index that never refreshes is not REALM
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@
 ::
 
     index_dir/LATEST               "v000003" (replaced atomically after the version folder is in place)
+    index_dir/PINNED               versions publish never prunes, one a line (the index a run's checkpoint used)
     index_dir/versions/v000003/    embeddings.npy [N, D], faiss.index (faiss backends), manifest.json,
                                    block_digests.npy [N, 16] (what each row embedded)
     index_dir/unfinished/part-*/   the same files for the blocks a build embedded before it stopped (index.build)
@@ -121,8 +122,10 @@ def publish(index_dir: str | Path, embeddings: np.ndarray, index: Index, manifes
             name = f"v{int(existing[-1][1:]) + 1 if existing else 1:06d}"
             os.rename(unpublished, versions / name)
             write_text_atomic(index_dir / "LATEST", name)
+            pinned = _pinned(index_dir)
             for old in _versions(index_dir)[:-keep]:  # readers hold open files, so deleting an old folder is safe
-                shutil.rmtree(versions / old, ignore_errors=True)
+                if old not in pinned:
+                    shutil.rmtree(versions / old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(unpublished, ignore_errors=True)
         raise
@@ -140,6 +143,20 @@ def rewind(index_dir: str | Path, version: str) -> list[str]:
         for name in later:
             shutil.rmtree(index_dir / "versions" / name, ignore_errors=True)
     return later
+
+
+def pin(index_dir: str | Path, versions: list[str | None]) -> None:
+    """Spare ``versions`` from the pruning of later publishes (and unpin the others): a pre-training run pins the
+    version its latest checkpoint was trained on, so that --resume can go back to it however many refreshes came
+    after (refresh.keep counts the newest versions only)."""
+    index_dir = Path(index_dir)
+    with _folder_lock(index_dir):
+        write_text_atomic(index_dir / "PINNED", "".join(f"{v}\n" for v in sorted({v for v in versions if v})))
+
+
+def _pinned(index_dir: Path) -> set[str]:
+    pointer = index_dir / "PINNED"
+    return set(pointer.read_text().split()) if pointer.is_file() else set()
 
 
 def read_manifest(index_dir: str | Path, version: str | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.refresher import IndexBuilderError, IndexRefresher
+from realm_lm.index.versioned import pin
 from realm_lm.losses import marginal_nll, retrieval_utility
 from realm_lm.masking import build_sentence_table, mask_query, salient_spans, spans_per_sentence
 from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
@@ -59,7 +60,7 @@ class PretrainRecipe:
         self.cfg = cfg
         self.run_dir = Path(p.run_dir)
         self.step = 0
-        self.checkpoint_index_version: str | None = None  # the index version a resumed checkpoint was trained on
+        self.checkpoint_index_version: str | None = None  # the index version the latest checkpoint was trained on
 
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
@@ -221,9 +222,15 @@ class PretrainRecipe:
             raise
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.opt,
-                               {"config": config_to_dict(self.cfg), "index_version": self.refresher.version,
-                                "kind": "pretrain"})
+        version, index_dir = self.refresher.version, self.refresher.cfg.index.dir
+        # the index this checkpoint trains on must outlive refresh.keep later refreshes, for --resume to go back to
+        # it; the last checkpoint's too, until this one is written
+        pin(index_dir, [self.checkpoint_index_version, version])
+        saved = save_checkpoint(self.run_dir, self.step, self.model, self.opt,
+                                {"config": config_to_dict(self.cfg), "index_version": version, "kind": "pretrain"})
+        pin(index_dir, [version])
+        self.checkpoint_index_version = version
+        return saved
 
     def close(self) -> None:
         self.refresher.close()
