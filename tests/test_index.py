@@ -8,7 +8,7 @@ from realm_lm.config import INDEX_BACKENDS, IndexConfig, load_config
 from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.index.backends import make_index
 from realm_lm.index.build import build_index, length_batches
-from realm_lm.index.versioned import (IndexMismatchError, IndexNotFoundError, latest_version, load_index,
+from realm_lm.index.versioned import (IndexMismatchError, IndexNotFoundError, latest_version, load_index, pin,
                                       publish, read_manifest)
 
 from conftest import FIXTURES, ROOT, tiny_overrides
@@ -209,6 +209,30 @@ def test_two_builders_publishing_into_one_folder_take_different_versions(tmp_pat
         t.join()
     assert not errors and not dead.exists() and live.exists()
 
+
+def test_publish_keeps_the_newest_versions_and_the_pinned_ones(tmp_path):
+    """refresh.keep counts the newest versions; a pinned one (a checkpoint's index) outlives them until unpinned,
+    and a damaged PINNED file pins nothing rather than stop publishing."""
+    index_dir = tmp_path / "idx"
+
+    def publish_one():
+        index = make_index(IndexConfig())
+        index.build(np.zeros((2, 4), np.float32))
+        return publish(index_dir, np.zeros((2, 4), np.float32), index, {"n_rows": 2}, keep=1)
+
+    def kept():
+        return sorted(p.name for p in (index_dir / "versions").iterdir())
+
+    publish_one()
+    pin(index_dir, ["v000001", None])
+    publish_one(), publish_one()
+    assert kept() == ["v000001", "v000003"]
+    pin(index_dir, ["v000003"])
+    publish_one()
+    assert kept() == ["v000003", "v000004"]
+    (index_dir / "PINNED").write_bytes(b"\xff\xfe\x00garbage")
+    publish_one()
+    assert kept() == ["v000005"]
 
 def test_digest_matching_agrees_with_a_dict():
     from realm_lm.index.build import match_digests

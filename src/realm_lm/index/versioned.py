@@ -156,7 +156,8 @@ def pin(index_dir: str | Path, versions: list[str | None]) -> None:
 
 def _pinned(index_dir: Path) -> set[str]:
     pointer = index_dir / "PINNED"
-    return set(pointer.read_text().split()) if pointer.is_file() else set()
+    # a damaged file pins nothing rather than stop every publish
+    return set(pointer.read_text(errors="replace").split()) if pointer.is_file() else set()
 
 
 def read_manifest(index_dir: str | Path, version: str | None = None) -> dict[str, Any]:
