@@ -19,7 +19,8 @@ from realm_lm.corpus.questions import QaFileError, Question, read_qa_file
 from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer
 from realm_lm.retrieval import BadQuestionError
-from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
+from realm_lm.train.data import (answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch,
+                                 regex_answer_pieces)
 from realm_lm.train.checkpoint import latest_checkpoint
 from realm_lm.train.finetune import FinetuneRecipe, QaModel
 from realm_lm.train.loop import clip_each_group
@@ -292,6 +293,36 @@ def test_finetune_trains_query_tower_and_reader_not_the_doc_tower(tmp_path, read
     assert changed(query_before, recipe.model.retriever.query) and changed(reader_before, recipe.model.reader)
     assert log_scale.item() != scale_before  # the losses calibrate the retrieval scale
 
+
+def test_finetuning_on_regex_answers_takes_as_gold_what_the_patterns_match_in_the_blocks(tmp_path):
+    """CuratedTrec's answers are patterns: the gold spans are the strings they match in the retrieved blocks. Escaped
+    literal answers must train exactly as the literal answers do; a pattern's every match is gold."""
+    import re
+
+    tok = load_tokenizer(FIXTURES / "tiny-bert")
+    found = regex_answer_pieces(tok, (r"\d+ km",), ["The river is 400 km long", "and 12 KM wide.", "no length"])
+    assert sorted(tok.decode(p.tolist()) for p in found) == ["12 km", "400 km"]
+
+    literal = read_qa_file(FIXTURES / "tiny_qa.jsonl")
+    patterns = tmp_path / "regex_qa.jsonl"
+    patterns.write_text("".join(json.dumps({"question": q.question, "answers": [re.escape(a) for a in q.answers]}) + "\n"
+                                for q in literal))
+    losses = []
+    for name, extra in (("literal", ()), ("regex", (f"finetune.questions={patterns}", "eval.regex_answers=true"))):
+        recipe = FinetuneRecipe(finetune_cfg(tmp_path, f"finetune.run_dir={tmp_path / name}", *extra))
+        if name == "literal":
+            build_corpus(recipe.cfg)
+        recipe.setup(progress=False)
+        out = recipe.forward(np.arange(len(recipe.questions)))
+        assert float(out["answer_in_topk"]) > 0
+        losses.append(tuple(float(out[key].detach()) for key in ("reader_loss", "retriever_loss", "answer_in_topk")))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+    bad = tmp_path / "bad_regex_qa.jsonl"
+    bad.write_text(json.dumps({"id": "q9", "question": "When?", "answers": ["19(37"]}) + "\n")
+    recipe = FinetuneRecipe(finetune_cfg(tmp_path, f"finetune.questions={bad}", "eval.regex_answers=true"))
+    with pytest.raises(QaFileError, match=r"question 'q9': answer '19\(37' is not a valid regular expression"):
+        recipe.setup(progress=False)
 
 def test_a_finetune_over_an_old_run_folder_searches_an_index_of_its_own_doc_tower(tmp_path):
     """Fine-tuning retrieves from an index in its run folder. A new run written where an older one was (or started

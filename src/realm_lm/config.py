@@ -238,7 +238,7 @@ class FinetuneConfig:
 class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 20)
     squad: str = "data/squad_v1.1_dev.json"  # questions of the Open-SQuAD splits come from here
-    regex_answers: bool = False  # gold answers are regular expressions (CuratedTrec), for exact match and recall
+    regex_answers: bool = False  # answers are regular expressions (CuratedTrec): in recall, EM, fine-tuning's gold
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:

@@ -5,9 +5,11 @@ Questions are answered open-domain, from the whole corpus."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from realm_lm.errors import RealmError
 
@@ -106,3 +108,15 @@ def read_qa_file(path: str | Path) -> list[Question]:
     if not questions:
         raise QaFileError(f"{path}: no questions")
     return questions
+
+
+def check_answer_patterns(questions: Sequence[Question]) -> None:
+    """For answers given as regular expressions (CuratedTrec): a bad pattern is an error naming its question, raised
+    before any work rather than after every question has been answered or trained on."""
+    for q in questions:
+        for pattern in q.answers:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise QaFileError(f"question {q.qid!r}: answer {pattern!r} is not a valid regular expression "
+                                  f"({err})") from None

@@ -19,15 +19,6 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def check_patterns(answers: Sequence[str]) -> None:
-    """Raise ValueError naming the first answer that is not a valid regular expression."""
-    for pattern in answers:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"answer {pattern!r} is not a valid regular expression ({err})") from None
-
-
 def has_answer(block_text: str, answers: Sequence[str], regex: bool = False) -> bool:
     """Some gold answer occurs in the block as a whole-token sequence after normalisation; with ``regex`` the
     answers are patterns searched for anywhere in the block, case-insensitively (CuratedTrec, as DrQA and DPR)."""

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from realm_lm.answer import Answerer, Response
 from realm_lm.artifacts import write_text_atomic
-from realm_lm.corpus.questions import QaFileError, Question
-from realm_lm.eval.metrics import check_patterns, exact_match, f1_score, first_answer_rank, recall_from_ranks
+from realm_lm.corpus.questions import Question, check_answer_patterns
+from realm_lm.eval.metrics import exact_match, f1_score, first_answer_rank, recall_from_ranks
 
 ANSWER_CHUNK = 256  # questions answered between two saves of an evaluation's progress (~40 s on a 2-core CPU)
 
@@ -30,12 +30,8 @@ def evaluate_qa(answerer: Answerer, questions: Sequence[Question], predictions: 
     With ``predictions``, the records are also appended to PREDICTIONS.partial as questions are answered, so an
     evaluation stopped part-way (Ctrl-C, a kill) goes on from there when run again with the same model, settings
     and questions (``resumed`` counts those); the partial file is deleted once the predictions are written."""
-    if regex:  # a bad pattern fails here, not after every question has been answered
-        for q in questions:
-            try:
-                check_patterns(q.answers)
-            except ValueError as err:
-                raise QaFileError(f"question {q.qid!r}: {err}") from None
+    if regex:
+        check_answer_patterns(questions)
     partial = Path(f"{predictions}.partial") if predictions else None
     key = _evaluation_key(answerer, questions, regex) if partial else None
     records = _answered_before(partial, key, questions) if key else []

@@ -4,6 +4,7 @@ re-tokenised per question)."""
 from __future__ import annotations
 
 import hashlib
+import re
 from functools import lru_cache
 from dataclasses import dataclass
 
@@ -145,7 +146,17 @@ def answer_pieces(tok, answers: list[str] | tuple[str, ...]) -> list[np.ndarray]
     from realm_lm.eval.metrics import normalize_answer
 
     texts = [t for t in dict.fromkeys([*answers, *map(normalize_answer, answers)]) if t.strip()]
-    return [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False) if e.ids]
+    unique = dict.fromkeys(tuple(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False) if e.ids)
+    return [np.asarray(ids, dtype=np.int64) for ids in unique]  # an uncased vocabulary folds "Broncos" and "broncos"
+
+
+def regex_answer_pieces(tok, patterns: tuple[str, ...], block_texts: list[str]) -> list[np.ndarray]:
+    """For answers given as regular expressions (CuratedTrec): the strings the patterns match in a question's
+    retrieved blocks, case-insensitively, as :func:`answer_pieces`. Each is a gold answer wherever it occurs among
+    those blocks, since it matches a pattern there too."""
+    found = {m.group(0) for text in block_texts for pattern in patterns
+             for m in re.finditer(pattern, text, flags=re.IGNORECASE)}
+    return answer_pieces(tok, sorted(found))
 
 
 def gold_span_mask(batch: ReaderBatch, pieces: list[list[np.ndarray]], k: int, max_width: int,

@@ -19,7 +19,7 @@ from torch import nn
 
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
-from realm_lm.corpus.questions import Question, load_questions, read_qa_file
+from realm_lm.corpus.questions import Question, check_answer_patterns, load_questions, read_qa_file
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import build_index_on_ranks, index_is_current, tower_key
 from realm_lm.index.versioned import load_index
@@ -32,7 +32,8 @@ from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_weights, resume_point,
                                        save_checkpoint, set_rng_state, tensor_names, truncate_metrics_log)
-from realm_lm.train.data import answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch
+from realm_lm.train.data import (answer_pieces, blocks_to_read, gold_span_mask, question_ids, reader_batch,
+                                 regex_answer_pieces)
 from realm_lm.train.loop import clip_each_group, run_steps
 from realm_lm.train.pretrain import linear_schedule
 
@@ -86,7 +87,11 @@ class FinetuneRecipe:
         self.tok = load_tokenizer(self.model_dir)
         self.special = SpecialIds(self.tok)
         self.questions = training_questions(cfg)
-        self.pieces = [answer_pieces(self.tok, q.answers) for q in self.questions]
+        self.regex = cfg.eval.regex_answers  # answers are patterns: gold spans are what they match in the blocks read
+        if self.regex:
+            check_answer_patterns(self.questions)
+        else:
+            self.pieces = [answer_pieces(self.tok, q.answers) for q in self.questions]
         init_keys = checkpoint_keys(f.init_from) if f.init_from else set()
         torch.manual_seed(f.seed)
 
@@ -173,7 +178,12 @@ class FinetuneRecipe:
             rows = self.bm25_rows[idx]
             retrieval_logits = torch.zeros(len(idx), k, device=self.device)  # BM25 scores are not on the reader's scale
         asked = question_ids(self.tok, questions, self.special, r.question_len)
-        pieces = [self.pieces[i] for i in idx]
+        if self.regex:
+            texts = self.store.texts
+            pieces = [regex_answer_pieces(self.tok, self.questions[i].answers, [texts[row] for row in hits if row >= 0])
+                      for i, hits in zip(idx, rows)]
+        else:
+            pieces = [self.pieces[i] for i in idx]
         # where the answers are is known from the wordpieces alone: only then is the reader run, on what it must read
         everything = reader_batch(self.store, asked, rows, self.tok, self.special, r.max_len)
         starts, ends = enumerate_spans(everything.input_ids.shape[1], r.max_span_len)
