@@ -23,6 +23,7 @@ from pathlib import Path
 
 from realm_lm.config import load_config
 from realm_lm.corpus.fetch import fetch_data
+from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore, CorpusStoreError, build_corpus
 from realm_lm.eval.retrieval import evaluate_retrieval
 from realm_lm.index.build import build_index
@@ -44,7 +45,7 @@ def ensure_store(cfg) -> CorpusStore:
 
 def dev_recall(eval_cfg, run_dir: str | None, store: CorpusStore, kind: str = "realm") -> dict:
     cfg = trained_config(eval_cfg, run_dir) if run_dir else eval_cfg
-    return evaluate_retrieval(cfg, make_searcher(cfg, kind, store), "dev", progress=False)
+    return evaluate_retrieval(cfg, make_searcher(cfg, kind, store), load_questions(cfg.eval.squad, "dev"), progress=False)
 
 
 def heldout_accuracy(cfg, init_from: str, out_dir: Path, n_queries: int) -> dict:

@@ -8,7 +8,7 @@ from realm_lm.cli import main
 from realm_lm.index.versioned import latest_version, read_manifest
 from realm_lm.train.checkpoint import latest_checkpoint
 
-from conftest import ROOT, tiny_overrides
+from conftest import FIXTURES, ROOT, tiny_overrides
 
 
 def realm(tmp_path, *argv, extra=()):
@@ -116,6 +116,28 @@ def test_ict_pretrain_resume_plot(tmp_path, capsys):
                  "--set", f"eval.squad={tmp_path / 'missing.json'}") == 2
     assert "missing.json not found" in capsys.readouterr().err
 
+
+def test_eval_retrieval_on_a_question_file_with_literal_or_regex_answers(tmp_path, capsys):
+    """A retriever's recall on one's own questions, before any fine-tuning: escaped patterns score as the literal
+    answers do, and a pattern that does not compile is an error naming its question."""
+    import re
+
+    assert realm(tmp_path, "corpus", "build") == 0
+    literal = [json.loads(line) for line in (FIXTURES / "tiny_qa.jsonl").read_text().splitlines()]
+    patterns = tmp_path / "regex_qa.jsonl"
+    patterns.write_text("".join(json.dumps({**q, "answers": [re.escape(a) for a in q["answers"]]}) + "\n"
+                                for q in literal))
+    figures = []
+    for questions, extra in ((FIXTURES / "tiny_qa.jsonl", ()), (patterns, ("--regex",))):
+        out = tmp_path / f"{questions.stem}.json"
+        assert realm(tmp_path, "eval", "retrieval", "--retriever", "bm25", "--questions", str(questions),
+                     "--json", str(out), *extra) == 0
+        figures.append({k.split(".")[-1]: v for k, v in json.loads(out.read_text()).items() if "recall@" in k})
+    assert figures[0] == figures[1] and figures[0]["recall@5"] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "q9", "question": "When?", "answers": ["19(37"]}) + "\n")
+    assert realm(tmp_path, "eval", "retrieval", "--retriever", "bm25", "--questions", str(bad), "--regex") == 2
+    assert "question 'q9': answer '19(37' is not a valid regular expression" in capsys.readouterr().err
 
 def test_a_run_trained_further_gets_a_fresh_index_not_the_stale_one(tmp_path, capsys):
     """A run's own index (RUN/eval-index-*) is keyed by the weights that embedded it, not by "a version exists": after

@@ -139,13 +139,15 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> None:
     cfg = _config(args)
     if args.from_run:
         cfg = trained_config(cfg, args.from_run)
+    questions = _questions(cfg, args)
     searcher = make_searcher(cfg, args.retriever)
-    result = evaluate_retrieval(cfg, searcher, args.split)
+    result = evaluate_retrieval(cfg, searcher, questions, regex=args.regex or cfg.eval.regex_answers)
     keys = [f"recall@{k}" for k in cfg.eval.ks]
-    print(markdown_table(["split", "retriever", *keys, "questions"],
-                         [[args.split, args.retriever, *[f"{result[k]:.3f}" for k in keys], result["n_questions"]]]))
+    name = Path(args.questions).stem if args.questions else args.split
+    print(markdown_table(["questions", "retriever", *keys, "n"],
+                         [[name, args.retriever, *[f"{result[k]:.3f}" for k in keys], result["n_questions"]]]))
     if args.json:
-        write_json_atomic(args.json, {f"{args.split}.{args.retriever}.{k}": v for k, v in result.items()})
+        write_json_atomic(args.json, {f"{name}.{args.retriever}.{k}": v for k, v in result.items()})
 
 
 def _check_run_folder(args: argparse.Namespace, run_dir: str) -> None:
@@ -363,6 +365,14 @@ def _from(p: argparse.ArgumentParser, corpus: str) -> None:
                         "further")
 
 
+def _question_choice(p: argparse.ArgumentParser) -> None:
+    """`eval retrieval`, `eval qa`: which questions, and how their answers match."""
+    p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
+    p.add_argument("--questions", help="a SQuAD JSON or JSONL {question, answers} file instead of an Open-SQuAD split")
+    p.add_argument("--limit", type=int_in(0), default=0, help="only the first N questions (0: all)")
+    p.add_argument("--regex", action="store_true", help="gold answers are regular expressions (CuratedTrec)")
+
+
 def _corpus(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", metavar="STORE", help="another corpus store (`realm corpus build`): same model, "
                                                       "its own index (a re-embedding, no retraining)")
@@ -418,19 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retrieve)
 
     ev = verbs.add_parser("eval", help="evaluation").add_subparsers(dest="action", required=True)
-    p = ev.add_parser("retrieval", help="recall@k on the Open-SQuAD questions of a split")
+    p = ev.add_parser("retrieval", help="recall@k on the Open-SQuAD questions of a split, or a file's")
     _common(p)
-    p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
+    _question_choice(p)
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     p.add_argument("--json", help="also write the figures as flat JSON to this file")
     _from(p, "the preset's corpus, which the split's questions are asked of")
     p.set_defaults(func=cmd_eval_retrieval)
     p = ev.add_parser("qa", help="exact match, F1 and recall@k of a fine-tuned run; writes a predictions JSONL")
     _common(p)
-    p.add_argument("--split", choices=["train", "dev", "test"], default="dev")
-    p.add_argument("--questions", help="a SQuAD JSON or JSONL {question, answers} file instead of an Open-SQuAD split")
-    p.add_argument("--limit", type=int_in(0), default=0, help="only the first N questions (0: all)")
-    p.add_argument("--regex", action="store_true", help="gold answers are regular expressions (CuratedTrec)")
+    _question_choice(p)
     p.add_argument("--predictions", help="predictions JSONL (default RUN_DIR/predictions-<split>.jsonl)")
     p.add_argument("--json", help="metrics JSON (default: metrics-<split>.json beside the predictions)")
     _from_finetuned(p)
