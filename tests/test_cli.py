@@ -117,7 +117,7 @@ def test_ict_pretrain_resume_plot(tmp_path, capsys):
     assert "missing.json not found" in capsys.readouterr().err
 
 
-def test_eval_retrieval_on_a_question_file_with_literal_or_regex_answers(tmp_path, capsys):
+def test_eval_retrieval_and_finetune_on_a_question_file_with_literal_or_regex_answers(tmp_path, capsys):
     """A retriever's recall on one's own questions, before any fine-tuning: escaped patterns score as the literal
     answers do, and a pattern that does not compile is an error naming its question."""
     import re
@@ -137,6 +137,8 @@ def test_eval_retrieval_on_a_question_file_with_literal_or_regex_answers(tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "q9", "question": "When?", "answers": ["19(37"]}) + "\n")
     assert realm(tmp_path, "eval", "retrieval", "--retriever", "bm25", "--questions", str(bad), "--regex") == 2
+    assert "question 'q9': answer '19(37' is not a valid regular expression" in capsys.readouterr().err
+    assert realm(tmp_path, "finetune", "--questions", str(bad), "--regex") == 2  # fine-tuning takes both options
     assert "question 'q9': answer '19(37' is not a valid regular expression" in capsys.readouterr().err
 
 def test_a_run_trained_further_gets_a_fresh_index_not_the_stale_one(tmp_path, capsys):

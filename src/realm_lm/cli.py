@@ -198,6 +198,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         cfg = replace(cfg, finetune=replace(cfg.finetune, init_from=args.from_run))
     if args.retriever:
         cfg = replace(cfg, finetune=replace(cfg.finetune, retriever=args.retriever))
+    if args.questions:
+        cfg = replace(cfg, finetune=replace(cfg.finetune, questions=args.questions))
+    if args.regex:
+        cfg = replace(cfg, eval=replace(cfg.eval, regex_answers=True))
     _check_run_folder(args, cfg.finetune.run_dir)
     with distributed.process_group() as main_rank:
         history = finetune_main(cfg, resume=args.resume)
@@ -459,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a pre-training (retriever + encoder), ICT (retriever) or fine-tuning run; "
                         "'' = MiniLM (default: finetune.init_from)")
     p.add_argument("--retriever", choices=FINETUNE_RETRIEVERS, help="default: finetune.retriever")
+    p.add_argument("--questions", help="a SQuAD JSON or JSONL {question, answers} file to train on (default: "
+                                       "finetune.questions, else the Open-SQuAD train split)")
+    p.add_argument("--regex", action="store_true",
+                   help="gold answers are regular expressions (CuratedTrec; default: eval.regex_answers)")
     _resume_or_overwrite(p)
     p.set_defaults(func=cmd_finetune)
     p = verbs.add_parser("ask", help="answer questions with a fine-tuned run, showing the evidence")
