@@ -130,6 +130,21 @@ def test_a_resumed_run_goes_back_to_the_index_its_checkpoint_used(tmp_path, caps
     assert [h["step"] for h in rest] == [3, 4]
     assert [h["loss"] for h in rest] == pytest.approx(losses[2:], rel=1e-6)
 
+    # killed again, and the versions embedded at or before step 2 deleted by hand: every kept one is from weights
+    # past the checkpoint, so the resumed run builds its index from the checkpoint's weights rather than use one
+    shutil.rmtree(checkpoints / "step_0000004")
+    (checkpoints / "LATEST").write_text("step_0000002")
+    versions = sorted((run.run_dir / "index" / "versions").iterdir())
+    for version in versions:
+        if json.loads((version / "manifest.json").read_text())["embedder_step"] <= 2:
+            shutil.rmtree(version)
+    assert any(v.exists() for v in versions)
+    again = PretrainRecipe(run.cfg)
+    again.setup(resume=True)
+    again.close()
+    assert "no kept index version is as old as the checkpoint (step 2): building one" in capsys.readouterr().err
+    assert again.refresher.manifest["embedder_step"] == 2 and again.refresher.version > versions[-1].name
+
 
 def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weights(tmp_path, monkeypatch):
     """The folder still holds the old run's index versions (embedded at its step 2). A fresh run must not retrieve
@@ -292,7 +307,7 @@ def test_kill_9_mid_training_then_resume_finishes_the_run(tmp_path):
 
 def test_a_resume_whose_checkpoint_index_is_gone_goes_back_to_the_newest_embedded_before_it(tiny_cfg, capsys):
     """With refresh.keep versions, the one a checkpoint used may be deleted already: the resumed run takes the newest
-    kept one embedded at or before its step instead, and a run with nothing that old keeps the folder as it is."""
+    kept one embedded at or before its step instead, and a run with nothing that old is told to build one."""
     from realm_lm.config import IndexConfig
     from realm_lm.index.backends import make_index
     from realm_lm.index.refresher import IndexRefresher
@@ -307,7 +322,7 @@ def test_a_resume_whose_checkpoint_index_is_gone_goes_back_to_the_newest_embedde
     refresher._rewind_to_checkpoint(25, "v000000")  # trained on a version no longer kept
     assert latest_version(index_dir) == "v000002"
     assert "the newest kept version embedded at or before step 25; deleted v000003" in capsys.readouterr().err
-    refresher._rewind_to_checkpoint(5, None)  # every kept version is newer than step 5: nothing to go back to
+    assert not refresher._rewind_to_checkpoint(5, None)  # every kept version is newer than step 5: build one
     assert latest_version(index_dir) == "v000002"
 
 

@@ -97,13 +97,13 @@ class IndexRefresher:
         """Load the newest published version, or build the first one now (the trainer waits for this one). A fresh
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
         weights. A run resumed from a checkpoint goes back to the version it used then (``checkpoint_version``; if
-        that one is no longer kept, the newest embedded at or before the checkpoint's step): versions published after
-        it came from weights past the checkpoint. Under torchrun every rank launches a builder of its share, and every
+        that one is no longer kept, the newest embedded at or before the checkpoint's step, else a new one built from
+        the checkpoint's weights): versions published after it came from weights past the checkpoint. Under torchrun every rank launches a builder of its share, and every
         rank waits for the version rank 0's builder publishes."""
-        if step > 0 and self.shard == 0:  # before the ranks' first collective: every rank then reads LATEST
-            self._rewind_to_checkpoint(step, checkpoint_version)
+        # before the ranks' first collective: every rank then reads LATEST
+        all_later = step > 0 and self.shard == 0 and not self._rewind_to_checkpoint(step, checkpoint_version)
         key = tower_key(self.cfg, doc, self.store)
-        fresh = step == 0 or latest_version(self.cfg.index.dir) is None
+        fresh = step == 0 or latest_version(self.cfg.index.dir) is None or all_later
         if distributed.any_rank(fresh and not index_is_current(self.cfg.index.dir, key)):  # every rank, or none
             t0 = time.perf_counter()
             self._launch(doc, step)
@@ -135,16 +135,24 @@ class IndexRefresher:
                 swapped = self._swap_if_newer() or swapped
         return swapped
 
-    def _rewind_to_checkpoint(self, step: int, checkpoint_version: str | None) -> None:
+    def _rewind_to_checkpoint(self, step: int, checkpoint_version: str | None) -> bool:
+        """Point LATEST back at the checkpoint's version, or the newest embedded at or before ``step``; False when
+        every kept version came from weights past the checkpoint (the caller then builds one from its weights)."""
         kept = {path.name: manifest for path, manifest in kept_versions(self.cfg.index.dir)}  # newest first
         target = checkpoint_version if checkpoint_version in kept else next(
             (name for name, m in kept.items() if (m.get("embedder_step") or 0) <= step), None)
-        if target is not None and target != latest_version(self.cfg.index.dir):
+        if target is None:
+            if kept:
+                print(f"no kept index version is as old as the checkpoint (step {step}): building one from its "
+                      f"weights", file=sys.stderr)
+            return not kept
+        if target != latest_version(self.cfg.index.dir):
             dropped = rewind(self.cfg.index.dir, target)
             which = ("the version the checkpoint was trained on" if target == checkpoint_version else
                      f"the newest kept version embedded at or before step {step}")
             print(f"index back to {target}, {which}; deleted {', '.join(dropped)}, published after the checkpoint",
                   file=sys.stderr)
+        return True
 
     def close(self) -> None:
         """Stop a running builder (its staging folder is discarded; published versions stay)."""
