@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     _question_choice(p)
     p.add_argument("--retriever", choices=["realm", "minilm-mean", "bm25"], default="realm")
     p.add_argument("--json", help="also write the figures as flat JSON to this file")
-    _from(p, "the preset's corpus, which the split's questions are asked of")
+    _from(p, "the preset's corpus, which the questions are asked of")
     p.set_defaults(func=cmd_eval_retrieval)
     p = ev.add_parser("qa", help="exact match, F1 and recall@k of a fine-tuned run; writes a predictions JSONL")
     _common(p)

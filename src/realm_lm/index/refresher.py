@@ -98,8 +98,8 @@ class IndexRefresher:
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
         weights. A run resumed from a checkpoint goes back to the version it used then (``checkpoint_version``; if
         that one is no longer kept, the newest embedded at or before the checkpoint's step, else a new one built from
-        the checkpoint's weights): versions published after it came from weights past the checkpoint. Under torchrun every rank launches a builder of its share, and every
-        rank waits for the version rank 0's builder publishes."""
+        the checkpoint's weights): versions published after it came from weights past the checkpoint. Under torchrun
+        every rank launches a builder of its share, and every rank waits for the version rank 0's builder publishes."""
         # before the ranks' first collective: every rank then reads LATEST
         all_later = step > 0 and self.shard == 0 and not self._rewind_to_checkpoint(step, checkpoint_version)
         key = tower_key(self.cfg, doc, self.store)
@@ -141,11 +141,12 @@ class IndexRefresher:
         kept = {path.name: manifest for path, manifest in kept_versions(self.cfg.index.dir)}  # newest first
         target = checkpoint_version if checkpoint_version in kept else next(
             (name for name, m in kept.items() if (m.get("embedder_step") or 0) <= step), None)
+        if target is None and not kept:
+            return True  # an empty folder: the caller builds the first index as for a fresh run
         if target is None:
-            if kept:
-                print(f"no kept index version is as old as the checkpoint (step {step}): building one from its "
-                      f"weights", file=sys.stderr)
-            return not kept
+            print(f"no kept index version is as old as the checkpoint (step {step}): building one from its weights",
+                  file=sys.stderr)
+            return False
         if target != latest_version(self.cfg.index.dir):
             dropped = rewind(self.cfg.index.dir, target)
             which = ("the version the checkpoint was trained on" if target == checkpoint_version else

@@ -90,8 +90,8 @@ class FinetuneRecipe:
         self.regex = cfg.eval.regex_answers  # answers are patterns: gold spans are what they match in the blocks read
         if self.regex:
             check_answer_patterns(self.questions)
-        else:
-            self.pieces = [answer_pieces(self.tok, q.answers) for q in self.questions]
+        # literal answers' wordpieces, once (patterns: per step, from the blocks retrieved; see gold_pieces)
+        self.pieces = [] if self.regex else [answer_pieces(self.tok, q.answers) for q in self.questions]
         init_keys = checkpoint_keys(f.init_from) if f.init_from else set()
         torch.manual_seed(f.seed)
 
@@ -178,12 +178,7 @@ class FinetuneRecipe:
             rows = self.bm25_rows[idx]
             retrieval_logits = torch.zeros(len(idx), k, device=self.device)  # BM25 scores are not on the reader's scale
         asked = question_ids(self.tok, questions, self.special, r.question_len)
-        if self.regex:
-            texts = self.store.texts
-            pieces = [regex_answer_pieces(self.tok, self.questions[i].answers, [texts[row] for row in hits if row >= 0])
-                      for i, hits in zip(idx, rows)]
-        else:
-            pieces = [self.pieces[i] for i in idx]
+        pieces = self.gold_pieces(idx, rows)
         # where the answers are is known from the wordpieces alone: only then is the reader run, on what it must read
         everything = reader_batch(self.store, asked, rows, self.tok, self.special, r.max_len)
         starts, ends = enumerate_spans(everything.input_ids.shape[1], r.max_span_len)
@@ -209,6 +204,14 @@ class FinetuneRecipe:
         loss = reader_loss + self.cfg.finetune.retriever_loss_weight * retriever_loss if self.dense else reader_loss
         return {"loss": loss, "reader_loss": reader_loss, "retriever_loss": retriever_loss,
                 "answer_in_topk": has_answer.any(-1).float().mean(), "top_span_correct": top_correct}
+
+    def gold_pieces(self, idx: np.ndarray, rows: np.ndarray) -> list[list[np.ndarray]]:
+        """Per question ``idx`` [B], the wordpiece sequences that count as its answer in its retrieved ``rows`` [B, k]."""
+        if not self.regex:
+            return [self.pieces[i] for i in idx]
+        texts = self.store.texts
+        return [regex_answer_pieces(self.tok, self.questions[i].answers, [texts[row] for row in hits if row >= 0])
+                for i, hits in zip(idx, rows)]
 
     def batch_indices(self) -> np.ndarray:
         """This rank's questions of this step: epochs of a seeded permutation, cut into steps of batch_size x world
