@@ -42,6 +42,7 @@ def test_overrides_are_typed():
     ("eval.ks=[0, 5]", "non-empty list"),
     ("index.backend=annoy", "index.backend must be one of exact, faiss-flat"),
     ("refresh.mode=sometimes", "refresh.mode must be one of async, sync, never"),
+    ("refresh.swap_after=51", r"refresh.swap_after \(51\) must not exceed refresh.every \(50\)"),
     ("pretrain.masking=whole-word", "pretrain.masking must be one of"),
     ("runtime.precision=fp8", "runtime.precision must be one of"),
 ])

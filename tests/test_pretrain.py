@@ -146,6 +146,41 @@ def test_a_resumed_run_goes_back_to_the_index_its_checkpoint_used(tmp_path, caps
     assert again.refresher.manifest["embedder_step"] == 2 and again.refresher.version > versions[-1].name
 
 
+def test_a_deferred_async_refresh_swaps_at_fixed_steps_and_resumes_exactly(tmp_path, capsys):
+    """refresh.swap_after = 2: each version goes in exactly 2 steps after its builder started, however fast that
+    builder was, so which index a step trains on does not depend on timing; and a run killed while a builder was
+    running resumes that builder from its snapshot and repeats the lost steps exactly."""
+    run = recipe_for(tmp_path, "refresh.mode=async", "refresh.every=2", "refresh.swap_after=2", "pretrain.steps=8",
+                     "pretrain.save_every=3")
+    run.setup()
+    first = run.train(stop_after=5)  # the checkpoint at step 3 has the builder started after step 2 under way
+    run.refresher._wait()  # the builder started after step 4 finishes, as it could before a kill
+    run.close()
+    # builders start before steps 3 and 5 (after 2 and 4 steps); the first one's version goes in before step 5
+    assert [h["step"] for h in first if h["swapped"]] == [5]
+    assert [h["staleness"] for h in first] == [1, 2, 3, 4, 3]
+    snapshot = run.run_dir / "refresh" / "doc_tower_step0000002.safetensors"
+    assert snapshot.exists()  # kept for the checkpoint, though a later builder has finished
+
+    # without that snapshot, a resumed run says it cannot repeat the lost steps exactly
+    hidden = snapshot.rename(snapshot.with_suffix(".hidden"))
+    blind = PretrainRecipe(run.cfg)
+    blind.setup(resume=True)
+    blind.close()
+    assert "the snapshot of the refresh under way at the checkpoint (step 2) is gone" in capsys.readouterr().err
+    assert blind.refresher.builder is None and blind.refresher.schedule.last_started == 2
+    hidden.rename(snapshot)
+
+    resumed = PretrainRecipe(run.cfg)
+    resumed.setup(resume=True)
+    assert resumed.refresher.pending == 2 and resumed.refresher.builder is not None
+    rest = resumed.train()
+    resumed.close()
+    assert [h["step"] for h in rest if h["swapped"]] == [5, 7]
+    assert [h["staleness"] for h in rest] == [4, 3, 4, 3, 4]
+    assert [h["loss"] for h in rest[:2]] == pytest.approx([h["loss"] for h in first[3:]], rel=1e-6)
+
+
 def test_a_fresh_run_in_an_old_run_folder_starts_from_an_index_of_its_own_weights(tmp_path, monkeypatch):
     """The folder still holds the old run's index versions (embedded at its step 2). A fresh run must not retrieve
     from them until its first refresh: it builds its own first index, as it would in an empty folder, and if that

@@ -127,10 +127,16 @@ class RefreshConfig:
     threads: int = 1  # intra-op threads of the builder process (the trainer keeps the rest)
     keep: int = 3  # index versions kept on disk, besides the one the latest checkpoint used
     max_failures: int = 3  # builders failing in a row before training stops: an index that never refreshes is not REALM
+    # async only. 0: a version goes in as soon as it is published (the paper; the trainer never waits, but the step
+    # depends on timing). N: exactly N steps after its refresh started, the trainer waiting for a late builder, so a
+    # run is repeatable and --resume exact
+    swap_after: int = 0
 
     def __post_init__(self) -> None:
-        _check("refresh", self, at_least={"every": 1, "threads": 1, "keep": 1, "max_failures": 1},
+        _check("refresh", self, at_least={"every": 1, "threads": 1, "keep": 1, "max_failures": 1, "swap_after": 0},
                choices={"mode": REFRESH_MODES})
+        if self.swap_after > self.every:  # one refresh in flight at a time
+            raise ConfigError(f"refresh.swap_after ({self.swap_after}) must not exceed refresh.every ({self.every})")
 
 
 @dataclass(frozen=True)

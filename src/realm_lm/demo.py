@@ -87,7 +87,9 @@ def run_pretraining_stage(cfg: RunConfig, timed) -> dict[str, float]:
                          [[w, f"{ict[f'{w}.ict_recall@1']:.3f}", f"{ict[f'{w}.ict_recall@5']:.3f}"] for w in ("before", "after")]))
 
     stage(f"7. REALM pre-training ({cfg.pretrain.steps} steps, {cfg.pretrain.masking} masking, "
-          f"index refresh {cfg.refresh.mode} every {cfg.refresh.every} steps)")
+          f"index refresh {cfg.refresh.mode} every {cfg.refresh.every} steps"
+          + (f", each version in use {cfg.refresh.swap_after} steps after its refresh starts"
+             if cfg.refresh.mode == "async" and cfg.refresh.swap_after else "") + ")")
     history = timed("pretrain", pretrain_main, cfg)
     first, last = history[:5], history[-5:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731

@@ -4,7 +4,10 @@ of the document tower and publishes a new index version, while the trainer keeps
 The trainer makes ONE call per step, :meth:`IndexRefresher.maybe_swap`, which (1) swaps in a newer published
 version if there is one, between steps, without waiting, and (2) when the schedule says so and no builder is
 running, writes a weight snapshot and starts a builder. ``sync`` mode runs the same builder and waits for it
-(for comparison); ``never`` keeps the first index (the "stale index" ablation).
+(for comparison); ``never`` keeps the first index (the "stale index" ablation). With ``refresh.swap_after = N``
+an async version goes in exactly N steps after its builder started (the trainer waits for a late one), so which
+index each step trains on no longer depends on timing: the run is repeatable, and a checkpoint taken while a
+builder runs records it, for ``--resume`` to start it again from the same snapshot.
 
 Under torchrun every rank launches a builder at the same step, each on its rank's device, and each embeds a share of
 the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version. Each builder thus embeds 1/N
@@ -80,6 +83,8 @@ class IndexRefresher:
         self.stats = RefreshStats()
         self.builder: subprocess.Popen | None = None
         self.builder_started = 0.0
+        self.pending: int | None = None  # the step of the refresh whose version has not been swapped in yet
+        self.retained: str | None = None  # a snapshot the latest checkpoint needs (its refresh under way)
         self.index: Index | None = None
         self.manifest: dict[str, Any] = {}
         self.refresh_dir.mkdir(parents=True, exist_ok=True)
@@ -89,17 +94,34 @@ class IndexRefresher:
     def version(self) -> str:
         return self.manifest.get("version", "")
 
+    @property
+    def deferred(self) -> bool:
+        """Whether versions go in at fixed steps (``refresh.swap_after``) rather than as soon as published."""
+        return self.cfg.refresh.mode == "async" and self.cfg.refresh.swap_after > 0
+
+    def pending_refresh(self) -> int | None:
+        """For a checkpoint to record: the step of the refresh under way whose version a deferred run will swap in
+        at a fixed later step (a resumed run starts that build again from the same snapshot)."""
+        return self.pending if self.deferred else None
+
+    def retain(self, step: int | None) -> None:
+        """Keep the snapshot of the refresh started at ``step`` (the latest checkpoint's pending one) on disk."""
+        self.retained = None if step is None else snapshot_name(step)
+
     def staleness(self, step: int) -> int:
         """Training steps between the weights that embedded the index in use and the current weights."""
         return step - int(self.manifest.get("embedder_step") or 0)
 
-    def start(self, doc: Embedder, step: int, checkpoint_version: str | None = None) -> None:
+    def start(self, doc: Embedder, step: int, checkpoint_version: str | None = None,
+              pending_refresh: int | None = None) -> None:
         """Load the newest published version, or build the first one now (the trainer waits for this one). A fresh
         run (step 0) in a folder that holds an earlier run's versions builds its own too: those were embedded by other
         weights. A run resumed from a checkpoint goes back to the version it used then (``checkpoint_version``; if
         that one is no longer kept, the newest embedded at or before the checkpoint's step, else a new one built from
-        the checkpoint's weights): versions published after it came from weights past the checkpoint. Under torchrun
-        every rank launches a builder of its share, and every rank waits for the version rank 0's builder publishes."""
+        the checkpoint's weights): versions published after it came from weights past the checkpoint; and starts
+        again the refresh that was under way then (``pending_refresh``, deferred mode), from its snapshot. Under
+        torchrun every rank launches a builder of its share, and every rank waits for the version rank 0's builder
+        publishes."""
         # before the ranks' first collective: every rank then reads LATEST
         all_later = step > 0 and self.shard == 0 and not self._rewind_to_checkpoint(step, checkpoint_version)
         key = tower_key(self.cfg, doc, self.store)
@@ -116,11 +138,13 @@ class IndexRefresher:
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
         self.schedule.last_started = step if built_at is None else int(built_at)
+        if pending_refresh is not None and self.deferred:
+            self._relaunch(pending_refresh)
 
     def maybe_swap(self, step: int, doc: Embedder) -> bool:
         """The one call per training step. Returns True when a new index version was swapped in."""
         self._reap()
-        swapped = self._swap_if_newer()
+        swapped = self._swap_when_due(step) if self.deferred else self._swap_if_newer()
         # under torchrun the ranks agree (one small all-reduce): they launch their shares at the same step, once no
         # rank's builder is running, and stop together when one rank's builders keep failing
         running, failing = distributed.any_rank_each([self.builder is not None, self._failing()])
@@ -164,10 +188,25 @@ class IndexRefresher:
 
     # -- internals ---------------------------------------------------------------------------------------
     def _launch(self, doc: Embedder, step: int) -> None:
-        snapshot = self.refresh_dir / f"doc_tower_step{step:07d}.safetensors"
+        snapshot = self.refresh_dir / snapshot_name(step)
         tmp = snapshot.with_name(f".{snapshot.name}.tmp")
         save_model(doc, str(tmp))
         os.replace(tmp, snapshot)
+        self._start_builder(snapshot, step)
+
+    def _relaunch(self, step: int) -> None:
+        """Start again, from its snapshot, the refresh a resumed checkpoint had under way (every rank reads rank 0's
+        snapshot: the weights are the same on every rank)."""
+        snapshot = self.run_dir / "refresh" / snapshot_name(step)
+        self.schedule.last_started = step
+        if not snapshot.exists():
+            print(f"the snapshot of the refresh under way at the checkpoint (step {step}) is gone: its index version "
+                  f"is skipped, so this resumed run does not repeat the lost steps exactly", file=sys.stderr)
+            return
+        self.retained = snapshot.name  # until the next checkpoint: a second kill may come first
+        self._start_builder(snapshot, step)
+
+    def _start_builder(self, snapshot: Path, step: int) -> None:
         cfg_path = self.refresh_dir / "config.json"
         cfg_path.write_text(json.dumps(config_to_dict(self.cfg)))
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cfg.refresh.threads)}
@@ -181,6 +220,7 @@ class IndexRefresher:
                 process_group=0)
         self.builder_started = time.perf_counter()
         self.schedule.last_started = step
+        self.pending = step
         self.stats.refreshes_started += 1
 
     def _wait(self) -> None:
@@ -194,7 +234,8 @@ class IndexRefresher:
         code = self.builder.returncode
         self.builder = None
         for old in sorted(self.refresh_dir.glob("doc_tower_step*.safetensors"))[:-1]:
-            old.unlink(missing_ok=True)
+            if old.name != self.retained:
+                old.unlink(missing_ok=True)
         if code == 0:
             self.stats.durations_s.append(time.perf_counter() - self.builder_started)
             self.stats.failures_in_row = 0
@@ -232,7 +273,25 @@ class IndexRefresher:
             return False
         self.index, self.manifest = load_index(self.cfg.index.dir, self.store, cfg=self.cfg.index)
         self.stats.swaps += 1
+        self.pending = None
         return True
+
+    def _swap_when_due(self, step: int) -> bool:
+        """Deferred mode: the version of the refresh started at step s goes in before step s + swap_after, whenever
+        its builder finished; a late builder is waited for. One that failed leaves the old version in use."""
+        if self.pending is None or step < self.pending + self.cfg.refresh.swap_after:
+            return False
+        t0 = time.perf_counter()
+        self._wait()
+        # every rank waits (one all-reduce) until every builder is done, so rank 0's has published or failed
+        self._stop_if(distributed.any_rank(self._failing()))
+        self.stats.waited_s += time.perf_counter() - t0
+        self.pending = None
+        return self._swap_if_newer()
+
+
+def snapshot_name(step: int) -> str:
+    return f"doc_tower_step{step:07d}.safetensors"
 
 
 def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int, shard: int = 0, shards: int = 1) -> str | None:

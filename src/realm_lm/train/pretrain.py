@@ -61,6 +61,7 @@ class PretrainRecipe:
         self.run_dir = Path(p.run_dir)
         self.step = 0
         self.checkpoint_index_version: str | None = None  # the index version the latest checkpoint was trained on
+        self.checkpoint_pending_refresh: int | None = None  # the refresh it had under way (refresh.swap_after > 0)
 
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
@@ -115,12 +116,14 @@ class PretrainRecipe:
             truncate_metrics_log(self.run_dir, self.step)
         self.refresher = IndexRefresher(cfg, self.run_dir, self.store)
         # every rank, once the first index exists (resumed: the index the checkpoint used)
-        self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version)
+        self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version,
+                             self.checkpoint_pending_refresh)
 
     def resume(self, ckpt: Path) -> None:
         state = load_checkpoint(ckpt, self.model, self.opt)
         self.step = state["step"]
         self.checkpoint_index_version = state.get("index_version")
+        self.checkpoint_pending_refresh = state.get("pending_refresh")
         self.sched = linear_schedule(self.opt, warmup_steps(self.cfg), self.cfg.pretrain.steps, done=self.step)
         set_rng_state(state["rng"])
         print(f"resumed from {ckpt} at step {self.step}")
@@ -226,9 +229,12 @@ class PretrainRecipe:
         # the index this checkpoint trains on must outlive refresh.keep later refreshes, for --resume to go back to
         # it; the last checkpoint's too, until this one is written
         pin(index_dir, [self.checkpoint_index_version, version])
+        pending = self.refresher.pending_refresh()  # its snapshot is kept until the next checkpoint
         saved = save_checkpoint(self.run_dir, self.step, self.model, self.opt,
-                                {"config": config_to_dict(self.cfg), "index_version": version, "kind": "pretrain"})
+                                {"config": config_to_dict(self.cfg), "index_version": version,
+                                 "pending_refresh": pending, "kind": "pretrain"})
         pin(index_dir, [version])
+        self.refresher.retain(pending)
         self.checkpoint_index_version = version
         return saved
 
