@@ -223,6 +223,27 @@ def test_async_refresh_publishes_while_training_goes_on(tmp_path):
     assert int(latest_version(recipe.refresher.cfg.index.dir)[1:]) >= 2
 
 
+def test_ranks_swap_in_a_new_version_at_the_same_step_once_every_rank_sees_it(tmp_path, monkeypatch):
+    """Under torchrun each rank reads the index folder at its own moment: a rank that sees a new version published
+    waits (one all-reduce) until every rank sees it, so no step trains on two versions across the ranks."""
+    from realm_lm.train import distributed
+
+    recipe = recipe_for(tmp_path, "refresh.mode=async", "refresh.every=1")
+    recipe.setup()
+    try:
+        refresher, doc = recipe.refresher, recipe.model.retriever.doc
+        refresher._launch(doc, 1)
+        refresher._wait()
+        assert latest_version(refresher.cfg.index.dir) == "v000002" and refresher.version == "v000001"
+        agree = distributed.any_rank_each
+        monkeypatch.setattr(distributed, "any_rank_each", lambda flags: [*agree(flags)[:2], True])  # a rank lags
+        assert not refresher.maybe_swap(1, doc) and refresher.version == "v000001"
+        monkeypatch.setattr(distributed, "any_rank_each", agree)
+        assert refresher.maybe_swap(1, doc) and refresher.version == "v000002"
+    finally:
+        recipe.close()
+
+
 def test_killed_builder_leaves_the_old_index_loadable(tmp_path):
     recipe = recipe_for(tmp_path, "refresh.mode=async", "refresh.every=1")
     recipe.setup()

@@ -10,7 +10,8 @@ index each step trains on no longer depends on timing: the run is repeatable, an
 builder runs records it, for ``--resume`` to start it again from the same snapshot.
 
 Under torchrun every rank launches a builder at the same step, each on its rank's device, and each embeds a share of
-the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version. Each builder thus embeds 1/N
+the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version, and every rank swaps it in at
+the same step. Each builder thus embeds 1/N
 of the corpus, and the index stays fresher as ranks are added.
 
 Run as a module, this file is the builder:
@@ -144,10 +145,14 @@ class IndexRefresher:
     def maybe_swap(self, step: int, doc: Embedder) -> bool:
         """The one call per training step. Returns True when a new index version was swapped in."""
         self._reap()
-        swapped = self._swap_when_due(step) if self.deferred else self._swap_if_newer()
-        # under torchrun the ranks agree (one small all-reduce): they launch their shares at the same step, once no
-        # rank's builder is running, and stop together when one rank's builders keep failing
-        running, failing = distributed.any_rank_each([self.builder is not None, self._failing()])
+        swapped = self._swap_when_due(step) if self.deferred else False
+        # under torchrun the ranks agree (one small all-reduce): they swap in a new version at the same step, once
+        # every rank sees it published; they launch their shares at the same step, once no rank's builder is running;
+        # and they stop together when one rank's builders keep failing
+        published = not self.deferred and latest_version(self.cfg.index.dir) not in (None, self.version)
+        running, failing, unseen = distributed.any_rank_each([self.builder is not None, self._failing(), not published])
+        if published and not unseen:
+            swapped = self._swap_if_newer()
         self._stop_if(failing)
         if self.schedule.due(step, running):
             self._launch(doc, step)
