@@ -301,8 +301,8 @@ def _embed_and_save(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder, 
 
 
 def build_index_on_ranks(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | None = None,
-                         store: CorpusStore | None = None, reuse_from: tuple[str | Path, ...] = ()
-                         ) -> tuple[str | None, int]:
+                         store: CorpusStore | None = None, reuse_from: tuple[str | Path, ...] = (),
+                         embedder_step: int | None = None) -> tuple[str | None, int]:
     """:func:`build_index` under torchrun, called on every rank: each embeds every world-size-th block (from its
     rank) of those no kept version or unfinished part holds yet, on its device, and saves them as parts of the
     unfinished build of ``cfg.index.dir`` (a folder every rank shares); rank 0's build_index then takes them all and
@@ -311,7 +311,7 @@ def build_index_on_ranks(cfg: RunConfig, progress: bool = True, doc_embedder: Em
     from realm_lm.train import distributed
 
     if distributed.world_size() == 1:
-        return build_index(cfg, progress=progress, doc_embedder=doc_embedder, store=store, reuse_from=reuse_from), 0
+        return build_index(cfg, embedder_step, progress, doc_embedder, store, reuse_from), 0
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
     main_rank = distributed.is_main()
@@ -321,8 +321,7 @@ def build_index_on_ranks(cfg: RunConfig, progress: bool = True, doc_embedder: Em
     _embed_and_save(cfg, store, doc_embedder, share, digests, tower, progress and main_rank)
     distributed.barrier()  # every share is saved before rank 0 takes them
     if main_rank:
-        return build_index(cfg, progress=progress, doc_embedder=doc_embedder, store=store, reuse_from=reuse_from), \
-            len(share)
+        return build_index(cfg, embedder_step, progress, doc_embedder, store, reuse_from), len(share)
     wait_until_current(cfg.index.dir, embedding_key(store.corpus_hash, tower[0], cfg))  # the tower, hashed above
     return None, len(share)
 

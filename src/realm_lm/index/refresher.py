@@ -37,7 +37,8 @@ from realm_lm.config import RunConfig, config_from_dict, config_to_dict
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.errors import RealmError
 from realm_lm.index.backends import Index
-from realm_lm.index.build import index_is_current, tower_key, wait_until_current
+from realm_lm.index.build import (build_index, build_index_in_shares, build_index_on_ranks, index_is_current,
+                                  tower_key)
 from realm_lm.index.versioned import kept_versions, latest_version, load_index, rewind
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.runtime import resolve_device
@@ -120,21 +121,17 @@ class IndexRefresher:
         weights. A run resumed from a checkpoint goes back to the version it used then (``checkpoint_version``; if
         that one is no longer kept, the newest embedded at or before the checkpoint's step, else a new one built from
         the checkpoint's weights): versions published after it came from weights past the checkpoint; and starts
-        again the refresh that was under way then (``pending_refresh``, deferred mode), from its snapshot. Under
-        torchrun every rank launches a builder of its share, and every rank waits for the version rank 0's builder
-        publishes."""
+        again the refresh that was under way then (``pending_refresh``, deferred mode), from its snapshot. The first
+        index is built here, in the trainer's process, with its cores or device (no builder process to start: the
+        trainer waits for this one anyway). Under torchrun every rank embeds its share, and every rank waits for the
+        version rank 0 publishes."""
         # before the ranks' first collective: every rank then reads LATEST
         all_later = step > 0 and self.shard == 0 and not self._rewind_to_checkpoint(step, checkpoint_version)
         key = tower_key(self.cfg, doc, self.store)
         fresh = step == 0 or latest_version(self.cfg.index.dir) is None or all_later
         if distributed.any_rank(fresh and not index_is_current(self.cfg.index.dir, key)):  # every rank, or none
             t0 = time.perf_counter()
-            self._launch(doc, step)
-            self._wait()
-            if self.shard == 0 and not index_is_current(self.cfg.index.dir, key):  # nothing published, or an
-                # earlier run's only; the error ends this rank, and torchrun then stops the others
-                raise IndexBuilderError(f"the first index could not be built:\n{self._log_tail()}")
-            wait_until_current(self.cfg.index.dir, key)  # the others: until rank 0's builder has published
+            self._build_first(doc, step)
             self.stats.initial_build_s += time.perf_counter() - t0
         self._swap_if_newer()
         built_at = self.manifest.get("embedder_step")
@@ -192,6 +189,20 @@ class IndexRefresher:
         self.builder = None
 
     # -- internals ---------------------------------------------------------------------------------------
+    def _build_first(self, doc: Embedder, step: int) -> None:
+        """The first index, embedded in this process, as `realm index build` does (under torchrun each rank embeds a
+        share, and rank 0 publishes while the others wait). Its blocks are saved as it goes: a fresh run started again
+        has the same first weights, and goes on from them. A failure ends this rank, and torchrun stops the others."""
+        was_training = doc.training
+        try:
+            build_index_on_ranks(self.cfg, distributed.is_main(), doc, self.store, embedder_step=step)
+        except RealmError:
+            raise
+        except Exception as e:  # a full disk, a device out of memory: said in one line, like the builder's failures
+            raise IndexBuilderError(f"the first index could not be built ({type(e).__name__}: {e})") from e
+        finally:
+            doc.train(was_training)
+
     def _launch(self, doc: Embedder, step: int) -> None:
         snapshot = self.refresh_dir / snapshot_name(step)
         tmp = snapshot.with_name(f".{snapshot.name}.tmp")
@@ -302,8 +313,6 @@ def snapshot_name(step: int) -> str:
 def build_from_snapshot(cfg: RunConfig, snapshot: Path, step: int, shard: int = 0, shards: int = 1) -> str | None:
     """The builder's job: document tower from the snapshot -> embeddings of every block (or of this builder's share,
     one of ``shards``) -> a published version (by builder 0; the others return None)."""
-    from realm_lm.index.build import build_index, build_index_in_shares
-
     torch.set_num_threads(cfg.refresh.threads)
     distributed.use_local_gpu()  # a builder of rank r embeds on rank r's GPU
     doc = build_retriever(replace(cfg.embedder, checkpoint="")).doc
