@@ -1,7 +1,8 @@
 """Asynchronous index refresh (REALM §3.4): a separate builder process re-embeds the corpus with a snapshot
 of the document tower and publishes a new index version, while the trainer keeps training on the old one.
 
-The trainer makes ONE call per step, :meth:`IndexRefresher.maybe_swap`, which (1) swaps in a newer published
+The first index is built in the trainer's process before training starts (it waits for that one anyway). After
+that, the trainer makes ONE call per step, :meth:`IndexRefresher.maybe_swap`, which (1) swaps in a newer published
 version if there is one, between steps, without waiting, and (2) when the schedule says so and no builder is
 running, writes a weight snapshot and starts a builder. ``sync`` mode runs the same builder and waits for it
 (for comparison); ``never`` keeps the first index (the "stale index" ablation). With ``refresh.swap_after = N``
@@ -11,8 +12,7 @@ builder runs records it, for ``--resume`` to start it again from the same snapsh
 
 Under torchrun every rank launches a builder at the same step, each on its rank's device, and each embeds a share of
 the blocks (index.build.build_index_in_shares); rank 0's builder publishes the version, and every rank swaps it in at
-the same step. Each builder thus embeds 1/N
-of the corpus, and the index stays fresher as ranks are added.
+the same step. Each builder thus embeds 1/N of the corpus, and the index stays fresher as ranks are added.
 
 Run as a module, this file is the builder:
 ``python -m realm_lm.index.refresher CONFIG_JSON SNAPSHOT STEP TRAINER_PID SHARD SHARDS``.
@@ -46,7 +46,7 @@ from realm_lm.train import distributed
 
 
 class IndexBuilderError(RealmError, RuntimeError):
-    """A builder process failed ``refresh.max_failures`` times in a row, or could not build the first index."""
+    """Builder processes failed ``refresh.max_failures`` times in a row, or the first index could not be built."""
 
 
 @dataclass
