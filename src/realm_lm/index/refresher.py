@@ -154,11 +154,7 @@ class IndexRefresher:
         if self.schedule.due(step, running):
             self._launch(doc, step)
             if self.schedule.mode == "sync":
-                t0 = time.perf_counter()
-                self._wait()
-                self.stats.waited_s += time.perf_counter() - t0
-                self._stop_if(distributed.any_rank(self._failing()))
-                swapped = self._swap_if_newer() or swapped
+                swapped = self._wait_and_swap() or swapped
         return swapped
 
     def _rewind_to_checkpoint(self, step: int, checkpoint_version: str | None) -> bool:
@@ -219,7 +215,7 @@ class IndexRefresher:
             print(f"the snapshot of the refresh under way at the checkpoint (step {step}) is gone: its index version "
                   f"is skipped, so this resumed run does not repeat the lost steps exactly", file=sys.stderr)
             return
-        self.retained = snapshot.name  # until the next checkpoint: a second kill may come first
+        self.retain(step)  # until the next checkpoint: a second kill may come first
         self._start_builder(snapshot, step)
 
     def _start_builder(self, snapshot: Path, step: int) -> None:
@@ -297,6 +293,10 @@ class IndexRefresher:
         its builder finished; a late builder is waited for. One that failed leaves the old version in use."""
         if self.pending is None or step < self.pending + self.cfg.refresh.swap_after:
             return False
+        return self._wait_and_swap()
+
+    def _wait_and_swap(self) -> bool:
+        """Wait for the refresh under way (sync mode, or a deferred swap that is due) and swap its version in."""
         t0 = time.perf_counter()
         self._wait()
         # every rank waits (one all-reduce) until every builder is done, so rank 0's has published or failed
