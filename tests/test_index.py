@@ -150,6 +150,23 @@ def test_a_store_rebuilt_in_place_with_a_changed_document_embeds_only_that(built
     assert m["reused_from"] == [str(Path(built.index.dir) / "versions" / "v000001")]
 
 
+def test_ensure_index_keeps_a_current_version_and_builds_for_other_weights_or_another_backend(built):
+    """Run again with nothing changed (the demo), the latest version is kept, not published again."""
+    from dataclasses import replace
+
+    from realm_lm.index.build import ensure_index
+
+    first = latest_version(built.index.dir)
+    assert ensure_index(built) is None and latest_version(built.index.dir) == first
+    hnsw = replace(built, index=replace(built.index, backend="faiss-hnsw"))  # the same embeddings, searched otherwise
+    version = ensure_index(hnsw)
+    assert version != first and read_manifest(built.index.dir, version)["embeddings_reused"]
+    assert ensure_index(hnsw) is None  # now current in that backend
+    other = replace(hnsw, embedder=replace(hnsw.embedder, seed=hnsw.embedder.seed + 1))  # other weights
+    m = read_manifest(built.index.dir, ensure_index(other))
+    assert m["rows_embedded"] == len(CorpusStore(built.corpus.store))
+
+
 def test_index_over_another_corpus_is_refused(built, tmp_path):
     other = load_config(ROOT / "configs" / "tiny.toml",
                         tiny_overrides(tmp_path / "o", "corpus.block_len=24", f"corpus.store={tmp_path / 'other'}"))

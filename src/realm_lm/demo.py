@@ -11,7 +11,8 @@ from realm_lm.corpus.fetch import fetch_data
 from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore, build_corpus
 from realm_lm.eval.retrieval import compare_retrievers, recall_table_headers
-from realm_lm.index.build import build_index
+from realm_lm.index.build import ensure_index
+from realm_lm.index.versioned import latest_version
 from realm_lm.report import markdown_table, print_hits
 from realm_lm.retrieval import hits_of, make_searcher, minilm_mean_config
 
@@ -44,8 +45,9 @@ def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None,
 
     stage("3. indexes (REALM's tower as initialised: a random projection to 128-d; MiniLM mean pooling baseline)")
     for name, run_cfg in (("realm", cfg), ("minilm-mean", minilm_mean_config(cfg))):
-        version = timed(f"index.{name}", build_index, run_cfg)
-        print(f"{name}: {run_cfg.index.dir} {version}")
+        version = timed(f"index.{name}", ensure_index, run_cfg, store)
+        kept = f"{latest_version(run_cfg.index.dir)} (kept: the same tower's embeddings of this corpus)"
+        print(f"{name}: {run_cfg.index.dir} {version or kept}")
 
     stage("4. retrieval on the Open-SQuAD questions (answer string in a top-k block)")
     searchers = {kind: make_searcher(cfg, kind, store) for kind in ("bm25", "minilm-mean", "realm")}

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from realm_lm.config import RunConfig, run_config
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.errors import RealmError
-from realm_lm.index.build import build_index, index_is_current, tower_key
+from realm_lm.index.build import ensure_index, tower_key
 from realm_lm.index.versioned import IndexMismatchError, load_index
 from realm_lm.models.embedder import Embedder, Retriever, build_retriever
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
@@ -154,8 +154,8 @@ def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -
         retriever = build_retriever(cfg.embedder)
         key = tower_key(cfg, retriever.doc, store)
         # a trained retriever's own index: built on first use, and again once training has moved its weights on
-        if cfg.embedder.checkpoint and not index_is_current(cfg.index.dir, key):
-            build_index(cfg, store=store, doc_embedder=retriever.doc.to(resolve_device(cfg.runtime)))
+        if cfg.embedder.checkpoint:
+            ensure_index(cfg, store, retriever.doc.to(resolve_device(cfg.runtime)))
         return DenseSearcher(cfg, store, retriever, key)
     if kind == "minilm-mean":
         return DenseSearcher(minilm_mean_config(cfg), store)

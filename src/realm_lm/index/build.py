@@ -278,6 +278,19 @@ def index_is_current(index_dir: str | Path, key: str) -> bool:
     return latest_version(index_dir) is not None and read_manifest(index_dir).get("embedding_key") == key
 
 
+def ensure_index(cfg: RunConfig, store: CorpusStore | None = None, doc_embedder: Embedder | None = None) -> str | None:
+    """Build a version of ``cfg.index.dir`` (:func:`build_index`) unless its latest one already holds this document
+    tower's embeddings of the store, searched by ``cfg.index``'s backend and dtype: the new version, or None when
+    the latest is kept (the demo run again; a run's own index searched again after no training)."""
+    store = store or CorpusStore(cfg.corpus.store)
+    doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
+    if index_is_current(cfg.index.dir, tower_key(cfg, doc_embedder, store)):
+        built = read_manifest(cfg.index.dir)["config"]["index"]
+        if (built["backend"], built["dtype"]) == (cfg.index.backend, cfg.index.dtype):
+            return None
+    return build_index(cfg, doc_embedder=doc_embedder, store=store)
+
+
 def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder,
                             reuse_from: tuple[str | Path, ...] = (), with_parts: bool = True
                             ) -> tuple[np.ndarray, tuple, np.ndarray, np.ndarray, dict[str, int]]:
