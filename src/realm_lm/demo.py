@@ -46,8 +46,9 @@ def run_demo(cfg: RunConfig, pretrain_cfg: RunConfig | None = None,
     stage("3. indexes (REALM's tower as initialised: a random projection to 128-d; MiniLM mean pooling baseline)")
     for name, run_cfg in (("realm", cfg), ("minilm-mean", minilm_mean_config(cfg))):
         version = timed(f"index.{name}", ensure_index, run_cfg, store)
-        kept = f"{latest_version(run_cfg.index.dir)} (kept: the same tower's embeddings of this corpus)"
-        print(f"{name}: {run_cfg.index.dir} {version or kept}")
+        if version is None:
+            version = f"{latest_version(run_cfg.index.dir)} (kept: the same tower's embeddings of this corpus)"
+        print(f"{name}: {run_cfg.index.dir} {version}")
 
     stage("4. retrieval on the Open-SQuAD questions (answer string in a top-k block)")
     searchers = {kind: make_searcher(cfg, kind, store) for kind in ("bm25", "minilm-mean", "realm")}

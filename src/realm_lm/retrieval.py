@@ -155,7 +155,7 @@ def make_searcher(cfg: RunConfig, kind: str, store: CorpusStore | None = None) -
         key = tower_key(cfg, retriever.doc, store)
         # a trained retriever's own index: built on first use, and again once training has moved its weights on
         if cfg.embedder.checkpoint:
-            ensure_index(cfg, store, retriever.doc.to(resolve_device(cfg.runtime)))
+            ensure_index(cfg, store, retriever.doc.to(resolve_device(cfg.runtime)), key)
         return DenseSearcher(cfg, store, retriever, key)
     if kind == "minilm-mean":
         return DenseSearcher(minilm_mean_config(cfg), store)

@@ -278,13 +278,15 @@ def index_is_current(index_dir: str | Path, key: str) -> bool:
     return latest_version(index_dir) is not None and read_manifest(index_dir).get("embedding_key") == key
 
 
-def ensure_index(cfg: RunConfig, store: CorpusStore | None = None, doc_embedder: Embedder | None = None) -> str | None:
+def ensure_index(cfg: RunConfig, store: CorpusStore | None = None, doc_embedder: Embedder | None = None,
+                 key: str | None = None) -> str | None:
     """Build a version of ``cfg.index.dir`` (:func:`build_index`) unless its latest one already holds this document
     tower's embeddings of the store, searched by ``cfg.index``'s backend and dtype: the new version, or None when
-    the latest is kept (the demo run again; a run's own index searched again after no training)."""
+    the latest is kept (the demo run again; a run's own index searched again after no training). ``key``: the
+    tower's :func:`tower_key`, where the caller has hashed it already."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
-    if index_is_current(cfg.index.dir, tower_key(cfg, doc_embedder, store)):
+    if index_is_current(cfg.index.dir, key or tower_key(cfg, doc_embedder, store)):
         built = read_manifest(cfg.index.dir)["config"]["index"]
         if (built["backend"], built["dtype"]) == (cfg.index.backend, cfg.index.dtype):
             return None
