@@ -48,35 +48,6 @@ def test_candidates_exclude_the_source_block_and_end_with_the_null_block(tmp_pat
         recipe.close()
 
 
-def test_the_copy_warmup_reads_the_source_block_and_leaves_the_retriever_as_it_was(tmp_path):
-    recipe = recipe_for(tmp_path, "pretrain.copy_warmup_steps=2")
-    recipe.setup()
-    try:
-        rng = np.random.default_rng(0)
-        batch = recipe.make_batch(rng.choice(recipe.train_sentences, 2, replace=False), rng)
-        q = recipe.model.retriever.query(batch.query_ids, batch.query_mask)
-        for c, src in zip(recipe.candidates(q, batch.source_rows, with_source=True), batch.source_rows):
-            assert c[0] == src and src not in c[1:] and len(c) == recipe.cfg.pretrain.top_k - 1
-
-        def retriever_state():
-            return [t.detach().clone() for t in [*recipe.model.retriever.parameters(),
-                                                 *recipe.model.retrieval_scale.parameters()]]
-
-        def encoder_state():
-            return [t.detach().clone() for t in recipe.model.encoder.parameters()]
-
-        retriever0, encoder0 = retriever_state(), encoder_state()
-        warm = recipe.train(stop_after=2)
-        assert [h["copy_warmup"] for h in warm] == [True, True]
-        assert all(torch.equal(a, b) for a, b in zip(retriever0, retriever_state()))  # no step, no weight decay
-        assert not all(torch.equal(a, b) for a, b in zip(encoder0, encoder_state()))
-        after = recipe.train(stop_after=1)  # the paper's recipe from here: the retriever learns
-        assert [h["copy_warmup"] for h in after] == [False]
-        assert not all(torch.equal(a, b) for a, b in zip(retriever0, retriever_state()))
-    finally:
-        recipe.close()
-
-
 def test_attention_dropout_setting_reaches_every_bert(tmp_path):
     recipe = recipe_for(tmp_path, "pretrain.attention_dropout=0.0")
     recipe.setup()

@@ -177,10 +177,6 @@ class PretrainConfig:
     masking: str = "salient"  # salient | random-uniform | random-span
     marginal: str = "per-token"  # per-token (released code) | paper (product over masks inside the sum over z)
     retrieval_scale: float = 0.1  # f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
-    # not in the paper: for the first N steps the query's own block is a candidate and the retriever (its scale too)
-    # does not learn, so the new MLM head learns to read a block before the retriever learns from what it reads
-    # (the paper's BERT came with a trained MLM head; MiniLM has none). 0: the paper's recipe from step 1
-    copy_warmup_steps: int = 0
     heldout_every: int = 20  # every 20th block (by id hash) is held out of training, for evaluation
     save_every: int = 50
     seed: int = 0
@@ -189,7 +185,7 @@ class PretrainConfig:
         # top_k counts the null block; heldout_every = 1 would hold out every block
         _check("pretrain", self, at_least={"steps": 1, "batch_size": 1, "head_lr_scale": 0, "retriever_lr_scale": 0,
                                            "warmup_steps": -1, "weight_decay": 0, "top_k": 2, "query_len": 3,
-                                           "max_masks": 1, "heldout_every": 2, "save_every": 1, "copy_warmup_steps": 0},
+                                           "max_masks": 1, "heldout_every": 2, "save_every": 1},
                positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
                choices={"masking": MASKING_MODES, "marginal": MARGINALS})
 

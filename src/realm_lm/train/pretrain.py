@@ -141,39 +141,31 @@ class PretrainRecipe:
                 sources.append(row)
         return collate_queries(queries, np.asarray(sources), self.special)
 
-    def candidates(self, query_emb: torch.Tensor, sources: np.ndarray, with_source: bool = False) -> list[list[int]]:
-        """Top (k-1) rows of the stale index per query, the query's own block excluded (trivial retrieval); with
-        ``with_source`` (the copy warm-up) the query's own block comes first, then the top (k-2) others."""
+    def candidates(self, query_emb: torch.Tensor, sources: np.ndarray) -> list[list[int]]:
+        """Top (k-1) rows of the stale index per query, the query's own block excluded (trivial retrieval)."""
         k = self.cfg.pretrain.top_k - 1
         _, found = self.refresher.index.search(query_emb.detach().float().cpu().numpy(), k + 1)
-        others = [[int(r) for r in row if r >= 0 and r != src] for row, src in zip(found, sources)]
-        if with_source:
-            return [[int(src), *rows[:k - 1]] for rows, src in zip(others, sources)]
-        return [rows[:k] for rows in others]
+        return [[int(r) for r in row if r >= 0 and r != src][:k] for row, src in zip(found, sources)]
 
-    def forward(self, batch: PretrainBatch, copy_warmup: bool = False) -> dict[str, torch.Tensor]:
-        """Loss and diagnostics of one batch; candidates re-scored with the CURRENT towers (gradients reach both,
-        except in the copy warm-up, where the query's own block is a candidate and the retriever gets none)."""
+    def forward(self, batch: PretrainBatch) -> dict[str, torch.Tensor]:
+        """Loss and diagnostics of one batch; candidates re-scored with the CURRENT towers (gradients reach both)."""
         with autocast(self.device, self.cfg.runtime.precision):
-            return self._forward(batch, copy_warmup)
+            return self._forward(batch)
 
-    def _forward(self, batch: PretrainBatch, copy_warmup: bool) -> dict[str, torch.Tensor]:
+    def _forward(self, batch: PretrainBatch) -> dict[str, torch.Tensor]:
         sp, model = self.special, self.model
-        retriever_learns = torch.is_grad_enabled() and not copy_warmup
-        with torch.set_grad_enabled(retriever_learns):
-            q = model.retriever.query(batch.query_ids, batch.query_mask)  # [B, D]
-        cands = self.candidates(q, batch.source_rows, with_source=copy_warmup)
+        q = model.retriever.query(batch.query_ids, batch.query_mask)  # [B, D]
+        cands = self.candidates(q, batch.source_rows)
         k = min(len(c) for c in cands)
         cands = [c[:k] for c in cands]
         B = len(cands)
         null_block = np.array([sp.cls, sp.sep, sp.sep])  # empty title, empty body: the null block
         d_ids, d_mask = pad_rows([null_block, *block_rows(self.store, np.asarray(cands).reshape(-1))], sp.pad)
-        with torch.set_grad_enabled(retriever_learns):
-            d = model.retriever.doc(d_ids, d_mask)  # [1 + B*k, D]
-            d_cand = d[1:].view(B, k, -1)  # [B, k, D]
-            with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
-                scores = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
-                logits = model.retrieval_scale(scores)  # [B, k+1]
+        d = model.retriever.doc(d_ids, d_mask)  # [1 + B*k, D]
+        d_cand = d[1:].view(B, k, -1)  # [B, k, D]
+        with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
+            scores = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
+            logits = model.retrieval_scale(scores)  # [B, k+1]
         bodies = [[body_of(self.store, r, sp.sep) for r in c] + [np.zeros(0, np.int64)] for c in cands]
         ids, mask, types = joint_inputs(batch.queries, bodies, sp, self.cfg.encoder.max_joint_len)  # [B*(k+1), W]
         K = k + 1
@@ -203,21 +195,17 @@ class PretrainRecipe:
         batch = self.make_batch(rng.choice(self.train_sentences, size=p.batch_size, replace=False), rng)
         self.model.train()
         t0 = time.perf_counter()
-        copy_warmup = self.step < p.copy_warmup_steps
-        out = self.forward(batch, copy_warmup)
+        out = self.forward(batch)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         distributed.average_gradients(self.model)
-        if copy_warmup:  # no step at all for the retriever (under torchrun its missing gradients came back as zeros)
-            for t in [*self.model.retriever.parameters(), *self.model.retrieval_scale.parameters()]:
-                t.grad = None
         clip_each_group(self.opt, 1.0)  # the scale's gradient would otherwise shrink everyone's steps
         self.opt.step()
         self.sched.step()
         metrics = {k: float(v.detach()) for k, v in out.items()} | {"retrieval_scale": self.model.retrieval_scale.value}
         metrics |= distributed.mean_scalars({k: metrics[k] for k in ("loss", "mask_acc", "ru_top", "p_null")})
         stats = self.refresher.stats
-        return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0], "copy_warmup": copy_warmup,
+        return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
                           "index_version": self.refresher.version, "staleness": self.refresher.staleness(self.step + 1),
                           "swapped": swapped, "refreshes": stats.swaps, "refresh_failures": stats.failures,
                           "index_wait_s": round(stats.waited_s, 3),
