@@ -125,7 +125,8 @@ def main() -> None:
     eval_store = ensure_store(eval_cfg)
     runs = Path(args.runs)
     figures: dict = {"steps": args.steps, "ict_steps": args.ict_steps, "batch_size": cfg.pretrain.batch_size,
-                     "top_k": cfg.pretrain.top_k, "block_len_pretrain": cfg.corpus.block_len}
+                     "top_k": cfg.pretrain.top_k, "block_len_pretrain": cfg.corpus.block_len,
+                     "overrides": " ".join(args.set)}
     rows = []
 
     def record(label: str, key: str, run_dir: str | None, init_from: str, wall: float, extra: str = "") -> None:
