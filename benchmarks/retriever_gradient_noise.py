@@ -73,6 +73,7 @@ class GradientMoments:
 
 
 def measure(cfg, run: str, n_queries: int, seed: int, work: Path) -> dict:
+    """Per-group gradient moments of REALM's loss at ``run``'s weights, over ``n_queries`` training queries."""
     rcfg = replace(cfg, pretrain=replace(cfg.pretrain, run_dir=str(work / "run"), init_from=run, masking="salient"),
                    refresh=replace(cfg.refresh, mode="never"))
     shutil.rmtree(work / "run", ignore_errors=True)
@@ -86,7 +87,7 @@ def measure(cfg, run: str, n_queries: int, seed: int, work: Path) -> dict:
         chosen = rng.choice(recipe.train_sentences, size=n_queries, replace=False)
         model.train()
         losses, t0 = [], time.perf_counter()
-        for i, sentence in enumerate(tqdm(chosen, desc=f"gradients {Path(run).name}", unit="query")):
+        for i, sentence in enumerate(tqdm(chosen, desc=f"gradients {run}", unit="query")):
             torch.manual_seed(seed * 1_000_003 + i)  # dropout
             batch = recipe.make_batch(np.array([sentence]), rng)
             if not batch.queries:
