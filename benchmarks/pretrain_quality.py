@@ -18,6 +18,8 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,17 +50,25 @@ def dev_recall(eval_cfg, run_dir: str | None, store: CorpusStore, kind: str = "r
     return evaluate_retrieval(cfg, make_searcher(cfg, kind, store), load_questions(cfg.eval.squad, "dev"), progress=False)
 
 
-def heldout_accuracy(cfg, init_from: str, out_dir: Path, n_queries: int) -> dict:
-    """Salient-span accuracy on held-out blocks with the weights of ``init_from`` (same code for every variant)."""
+@contextmanager
+def recipe_at(cfg, init_from: str, out_dir: Path) -> Iterator[PretrainRecipe]:
+    """A REALM pre-training recipe set up with the weights of ``init_from`` (an ICT or REALM run), salient masks and
+    an index its document tower built in ``out_dir`` (emptied first), never refreshed: for measurements, no steps."""
     shutil.rmtree(out_dir, ignore_errors=True)
     ecfg = replace(cfg, pretrain=replace(cfg.pretrain, run_dir=str(out_dir), init_from=init_from, masking="salient"),
                    refresh=replace(cfg.refresh, mode="never"))
     recipe = PretrainRecipe(ecfg)
     recipe.setup()
     try:
-        return recipe.evaluate(n_queries)
+        yield recipe
     finally:
         recipe.close()
+
+
+def heldout_accuracy(cfg, init_from: str, out_dir: Path, n_queries: int) -> dict:
+    """Salient-span accuracy on held-out blocks with the weights of ``init_from`` (same code for every variant)."""
+    with recipe_at(cfg, init_from, out_dir) as recipe:
+        return recipe.evaluate(n_queries)
 
 
 def finished_history(run_dir: str, steps: int) -> list[dict] | None:

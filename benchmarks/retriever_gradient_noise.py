@@ -21,10 +21,8 @@ A batch much smaller than B steps mostly on noise; the expected cosine between a
 
 import argparse
 import itertools
-import shutil
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,8 @@ from tqdm import tqdm
 from realm_lm.config import load_config
 from realm_lm.report import markdown_table, write_results
 from realm_lm.runtime import setup_runtime
-from realm_lm.train.pretrain import PretrainRecipe
+
+from pretrain_quality import recipe_at
 
 GROUPS = 8  # disjoint query groups for the unbiased |G|^2
 
@@ -74,12 +73,7 @@ class GradientMoments:
 
 def measure(cfg, run: str, n_queries: int, seed: int, work: Path) -> dict:
     """Per-group gradient moments of REALM's loss at ``run``'s weights, over ``n_queries`` training queries."""
-    rcfg = replace(cfg, pretrain=replace(cfg.pretrain, run_dir=str(work / "run"), init_from=run, masking="salient"),
-                   refresh=replace(cfg.refresh, mode="never"))
-    shutil.rmtree(work / "run", ignore_errors=True)
-    recipe = PretrainRecipe(rcfg)
-    recipe.setup()
-    try:
+    with recipe_at(cfg, run, work / "run") as recipe:
         model = recipe.model
         groups = {"retriever": GradientMoments(list(model.retriever.parameters())),
                   "encoder": GradientMoments(list(model.encoder.parameters()))}
@@ -100,8 +94,6 @@ def measure(cfg, run: str, n_queries: int, seed: int, work: Path) -> dict:
             losses.append(float(out["loss"].detach()))
         return {"run": run, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - t0, 1),
                 **{name: g.summary() for name, g in groups.items()}}
-    finally:
-        recipe.close()
 
 
 def main() -> None:
