@@ -84,7 +84,7 @@ def measure(cfg, run: str, n_queries: int, seed: int, work: Path) -> dict:
         for i, sentence in enumerate(tqdm(chosen, desc=f"gradients {run}", unit="query")):
             torch.manual_seed(seed * 1_000_003 + i)  # dropout
             batch = recipe.make_batch(np.array([sentence]), rng)
-            if not batch.queries:
+            if batch is None:  # nothing in it could be masked
                 continue
             model.zero_grad(set_to_none=True)
             out = recipe.forward(batch)

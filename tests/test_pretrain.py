@@ -1,5 +1,6 @@
 """REALM pre-training on the tiny corpus: null block, trivial-retrieval exclusion, gradients, refresh, resume."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -70,6 +71,36 @@ def test_gradients_reach_both_towers_and_the_encoder(tmp_path):
                              ("mlm head", m.encoder.head.dense), ("retrieval scale", m.retrieval_scale)]:
             grads = [p.grad for p in module.parameters() if p.grad is not None]
             assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reaches the {name}"
+    finally:
+        recipe.close()
+
+
+def test_micro_batches_give_the_whole_batch_gradient_and_metrics(tmp_path):
+    recipe = recipe_for(tmp_path, "pretrain.batch_size=4", "runtime.precision=fp32")  # bf16 sums differ by shape
+    recipe.setup()
+    try:
+        sentences = np.random.default_rng(3).choice(recipe.train_sentences, 4, replace=False)
+        recipe.model.eval()  # no dropout: every split must compute the same function
+        results = []
+        for micro in (0, 1, 3):  # one pass; four of one query; 3 + 1 (unequal shares)
+            recipe.cfg = dataclasses.replace(recipe.cfg, pretrain=dataclasses.replace(recipe.cfg.pretrain,
+                                                                                       micro_batch_size=micro))
+            batches = recipe.micro_batches(sentences, np.random.default_rng(7))
+            assert len(batches) == {0: 1, 1: 4, 3: 2}[micro]
+            recipe.model.zero_grad(set_to_none=True)
+            metrics = recipe.accumulate_gradients(batches)
+            grads = {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.grad is not None}
+            results.append((metrics, grads))
+        (whole, whole_grads), *splits = results
+        assert whole_grads
+        for metrics, grads in splits:
+            assert grads.keys() == whole_grads.keys()
+            for name, g in grads.items():
+                torch.testing.assert_close(g, whole_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+            for name in ("loss", "mask_acc", "ru_top", "p_null", "masks"):
+                assert metrics[name] == pytest.approx(whole[name], rel=1e-5, abs=1e-6), name
+        history = recipe.train(stop_after=1)  # a training step in micro-batches
+        assert np.isfinite(history[0]["loss"])
     finally:
         recipe.close()
 

@@ -129,7 +129,8 @@ class PretrainRecipe:
         print(f"resumed from {ckpt} at step {self.step}")
 
     # -- one step -----------------------------------------------------------------------------------------
-    def make_batch(self, sentence_ids: np.ndarray, rng: np.random.Generator) -> PretrainBatch:
+    def make_batch(self, sentence_ids: np.ndarray, rng: np.random.Generator) -> PretrainBatch | None:
+        """The sentences masked as queries (None where none of them can be masked)."""
         p, t = self.cfg.pretrain, self.sentences
         queries, sources = [], []
         for s in sentence_ids:
@@ -139,7 +140,7 @@ class PretrainRecipe:
             if q is not None:
                 queries.append(q)
                 sources.append(row)
-        return collate_queries(queries, np.asarray(sources), self.special)
+        return collate_queries(queries, np.asarray(sources), self.special) if queries else None
 
     def candidates(self, query_emb: torch.Tensor, sources: np.ndarray) -> list[list[int]]:
         """Top (k-1) rows of the stale index per query, the query's own block excluded (trivial retrieval)."""
@@ -186,23 +187,50 @@ class PretrainRecipe:
         return {"loss": loss, "mask_acc": correct, "ru_top": ru_top, "p_null": pz[:, -1].mean(),
                 "masks": batch.label_mask.sum()}
 
+    def micro_batches(self, sentence_ids: np.ndarray, rng: np.random.Generator) -> list[PretrainBatch]:
+        """One step's sentences masked in order (the same masks whatever the split), in micro-batches of
+        ``pretrain.micro_batch_size`` (0: one batch)."""
+        size = self.cfg.pretrain.micro_batch_size or len(sentence_ids)
+        chunks = [sentence_ids[i:i + size] for i in range(0, len(sentence_ids), size)]
+        batches = [b for b in (self.make_batch(c, rng) for c in chunks) if b is not None]
+        if not batches:
+            raise ValueError("none of this step's sentences could be masked within pretrain.query_len")
+        return batches
+
+    def accumulate_gradients(self, batches: list[PretrainBatch]) -> dict[str, float]:
+        """Backward of the batch's mean loss, one micro-batch at a time: each micro-batch's mean is weighted by
+        its share of the queries, so the summed gradient is the whole batch's and memory is one micro-batch's.
+        Returns the batch's metrics, weighted the same way."""
+        n_queries = sum(len(b.queries) for b in batches)
+        n_masks = sum(float(b.label_mask.sum()) for b in batches)
+        totals = dict.fromkeys(("loss", "mask_acc", "ru_top", "p_null", "masks"), 0.0)
+        for batch in batches:
+            out = self.forward(batch)
+            share = len(batch.queries) / n_queries
+            (out["loss"] * share).backward()
+            mask_share = float(out["masks"]) / max(n_masks, 1.0)
+            for name in ("loss", "ru_top", "p_null"):
+                totals[name] += float(out[name].detach()) * share
+            totals["mask_acc"] += float(out["mask_acc"]) * mask_share
+            totals["masks"] += float(out["masks"])
+        return totals
+
     def train_step(self) -> dict[str, Any]:
         p = self.cfg.pretrain
         swapped = self.refresher.maybe_swap(self.step, self.model.retriever.doc)  # a newer index, between steps
         # the batch is a function of (seed, step, rank): resume-exact, and different on every rank
         rng = np.random.default_rng([p.seed, self.step, distributed.rank()])
         torch.manual_seed(p.seed * 1_000_003 + self.step * 1_009 + distributed.rank())  # dropout too
-        batch = self.make_batch(rng.choice(self.train_sentences, size=p.batch_size, replace=False), rng)
+        batches = self.micro_batches(rng.choice(self.train_sentences, size=p.batch_size, replace=False), rng)
         self.model.train()
         t0 = time.perf_counter()
-        out = self.forward(batch)
         self.opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        metrics = self.accumulate_gradients(batches)
         distributed.average_gradients(self.model)
         clip_each_group(self.opt, 1.0)  # the scale's gradient would otherwise shrink everyone's steps
         self.opt.step()
         self.sched.step()
-        metrics = {k: float(v.detach()) for k, v in out.items()} | {"retrieval_scale": self.model.retrieval_scale.value}
+        metrics |= {"retrieval_scale": self.model.retrieval_scale.value}
         metrics |= distributed.mean_scalars({k: metrics[k] for k in ("loss", "mask_acc", "ru_top", "p_null")})
         stats = self.refresher.stats
         return metrics | {"step_s": time.perf_counter() - t0, "lr": self.sched.get_last_lr()[0],
@@ -248,16 +276,19 @@ class PretrainRecipe:
         rng = np.random.default_rng(12345)
         pool = self.heldout_sentences
         chosen = rng.choice(pool, size=min(n_queries, len(pool)), replace=False)
-        acc, ru, masks = 0.0, 0.0, 0.0
+        acc, ru, masks, queries = 0.0, 0.0, 0.0, 0
         for start in range(0, len(chosen), batch_size):
             batch = self.make_batch(chosen[start:start + batch_size], rng)
+            if batch is None:
+                continue
             out = self.forward(batch)
             n = float(out["masks"])
             acc += float(out["mask_acc"]) * n
             ru += float(out["ru_top"]) * len(batch.queries)
             masks += n
-        return {"heldout_mask_acc": acc / max(masks, 1), "heldout_ru_top": ru / max(len(chosen), 1),
-                "heldout_queries": len(chosen)}
+            queries += len(batch.queries)
+        return {"heldout_mask_acc": acc / max(masks, 1), "heldout_ru_top": ru / max(queries, 1),
+                "heldout_queries": queries}
 
 
 def main(cfg: RunConfig, resume: bool = False) -> list[dict[str, Any]]:
