@@ -412,6 +412,12 @@ def test_tiny_finetune_eval_ask_and_corpus_swap(tmp_path, capsys, monkeypatch):
     assert metrics["predictions"].endswith("predictions-tiny_qa.jsonl") and metrics["precision"] in ("fp32", "bf16")
     assert all(r["answer_rank"] is None or 1 <= r["answer_rank"] <= 16 for r in records)
     assert metrics["recall@16"] == sum(r["answer_rank"] is not None for r in records) / 8
+    # predictions written elsewhere get figures of their own beside them, the default ones left as they were
+    other = tmp_path / "finetune" / "first4.jsonl"
+    assert realm("eval", "qa", "--from", run, "--questions", str(FIXTURES / "tiny_qa.jsonl"), "--limit", "4",
+                 "--predictions", str(other)) == 0
+    assert json.loads((tmp_path / "finetune" / "first4.metrics.json").read_text())["n_questions"] == 4
+    assert json.loads((tmp_path / "finetune" / "metrics-tiny_qa.json").read_text())["n_questions"] == 8
     # the learned scale is what answering uses: p(block) = softmax(scale * q.d), the hits keep the raw q.d
     cfg = finetune_cfg(tmp_path)
     answerer = Answerer.from_run(run, cfg)

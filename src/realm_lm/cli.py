@@ -240,7 +240,9 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
                          [[result["n_questions"], f"{result['em']:.1f}", f"{result['f1']:.1f}",
                            *[f"{result[k]:.3f}" for k in recall_keys], f"{result['questions_per_s']:.1f}"]]))
     # the figures with what they were measured on, so that a result can be recorded without re-scoring predictions
-    metrics = Path(args.json or out.with_name(f"metrics-{name}.json"))
+    # named after the predictions they score, so that two evaluations written to one folder keep their own figures
+    default_metrics = out.with_name(f"{out.stem}.metrics.json") if args.predictions else out.with_name(f"metrics-{name}.json")
+    metrics = Path(args.json or default_metrics)
     write_json_atomic(metrics, {
         **result, "run": str(args.from_run), "questions": args.questions or f"open-squad {args.split}",
         "limit": args.limit, "top_k": answerer.top_k, "retriever": "realm" if answerer.dense else "bm25",
@@ -443,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _question_choice(p)
     p.add_argument("--predictions", help="predictions JSONL (default RUN_DIR/predictions-<split>.jsonl)")
-    p.add_argument("--json", help="metrics JSON (default: metrics-<split>.json beside the predictions)")
+    p.add_argument("--json", help="metrics JSON (default: metrics-<split>.json beside the default predictions, "
+                   "PRED.metrics.json beside --predictions PRED.jsonl)")
     _from_finetuned(p)
     p.set_defaults(func=cmd_eval_qa)
 
