@@ -11,7 +11,8 @@ Reported per variant: zero-shot retrieval recall@5 on the Open-SQuAD dev questio
 (configs/open_squad.toml, no QA fine-tuning), masked-token accuracy on salient spans of held-out blocks (never
 trained on), and the wall time. Also the trainer's index-waiting time in (c) beside the same run in `sync` mode.
 Writes benchmarks/results/pretrain_quality.json (``--name``). ``--variants c --steps 800`` runs or, with
-``--reuse``, re-evaluates a longer (c) alone (the ICT run it starts from is trained if missing).
+``--reuse``, re-evaluates a longer (c) alone (the ICT run it starts from is trained if missing); ``--init-from RUN``
+starts it from another run instead, a second phase of training.
 """
 
 import argparse
@@ -82,8 +83,8 @@ def run_stats(history: list[dict], wall: float, started: int, durations: list[fl
     return {"wall_s": round(wall, 1), "train_wall_s": history[-1]["wall_s"], "index_wait_s": history[-1]["index_wait_s"],
             "index_versions": history[-1]["refreshes"], "refreshes_started": started,
             "refresh_s_median": round(sorted(durations)[len(durations) // 2], 1) if durations else None,
-            "loss_first10": round(sum(h["loss"] for h in history[:10]) / 10, 3),
-            "loss_last10": round(sum(h["loss"] for h in history[-10:]) / 10, 3),
+            "loss_first10": round(sum(h["loss"] for h in history[:10]) / len(history[:10]), 3),
+            "loss_last10": round(sum(h["loss"] for h in history[-10:]) / len(history[-10:]), 3),
             "max_staleness": max(h["staleness"] for h in history)}
 
 
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/cpu")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs under --runs that already finished this budget (evaluation is redone)")
+    parser.add_argument("--init-from", help="start (c)-(e) from this run's latest checkpoint (ICT or REALM "
+                        "pre-training) instead of RUNS/ict, which is then trained only for row b")
     parser.add_argument("--variants", default="a,b,c,d,e,sync", help="rows to run: a (with a'), b, c, d, e, sync")
     parser.add_argument("--name", default="pretrain_quality", help="results file: benchmarks/results/NAME.json")
     parser.add_argument("--set", action="append", default=[], help="override of the pre-training preset")
@@ -127,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     wanted = set(args.variants.split(","))
     cfg = load_config(args.config, [*args.set, f"pretrain.steps={args.steps}", f"ict.steps={args.ict_steps}",
-                                    f"ict.run_dir={args.runs}/ict", f"pretrain.init_from={args.runs}/ict"])
+                                    f"ict.run_dir={args.runs}/ict", f"pretrain.init_from={args.init_from or args.runs + '/ict'}"])
     eval_cfg = load_config(args.eval_config, args.eval_set)
     setup_runtime(cfg)
     fetch_data(cfg.data.dir)
@@ -136,7 +139,7 @@ def main() -> None:
     runs = Path(args.runs)
     figures: dict = {"steps": args.steps, "ict_steps": args.ict_steps, "batch_size": cfg.pretrain.batch_size,
                      "top_k": cfg.pretrain.top_k, "block_len_pretrain": cfg.corpus.block_len,
-                     "overrides": " ".join(args.set)}
+                     "overrides": " ".join(args.set), "init_from": cfg.pretrain.init_from}
     rows = []
 
     def record(label: str, key: str, run_dir: str | None, init_from: str, wall: float, extra: str = "") -> None:
@@ -167,16 +170,17 @@ def main() -> None:
         record("(a') the same, projection fitted to the blocks (ICT's step 0)", "a_fit", str(runs / "ict-step0"),
                str(runs / "ict-step0"), time.perf_counter() - t0, f"{cfg.ict.pca_blocks} blocks")
 
-    t0 = time.perf_counter()
-    ict_eval = Path(cfg.ict.run_dir) / "ict_eval.json"
-    if args.reuse and ict_eval.exists() and (ict_history := finished_history(cfg.ict.run_dir, args.ict_steps)):
-        print(f"reusing {cfg.ict.run_dir} ({args.ict_steps} ICT steps already trained)", flush=True)
-        ict, ict_wall = json.loads(ict_eval.read_text()), ict_history[-1]["wall_s"]
-    else:
-        shutil.rmtree(cfg.ict.run_dir, ignore_errors=True)
-        ict = ict_main(cfg)
-        ict_wall = time.perf_counter() - t0
-    figures.update({f"b.{k}": round(v, 4) for k, v in ict.items()})
+    if "b" in wanted or not args.init_from:  # the ICT run: row b, and where (c)-(e) start by default
+        t0 = time.perf_counter()
+        ict_eval = Path(cfg.ict.run_dir) / "ict_eval.json"
+        if args.reuse and ict_eval.exists() and (ict_history := finished_history(cfg.ict.run_dir, args.ict_steps)):
+            print(f"reusing {cfg.ict.run_dir} ({args.ict_steps} ICT steps already trained)", flush=True)
+            ict, ict_wall = json.loads(ict_eval.read_text()), ict_history[-1]["wall_s"]
+        else:
+            shutil.rmtree(cfg.ict.run_dir, ignore_errors=True)
+            ict = ict_main(cfg)
+            ict_wall = time.perf_counter() - t0
+        figures.update({f"b.{k}": round(v, 4) for k, v in ict.items()})
     if "b" in wanted:
         record("(b) ICT", "b", cfg.ict.run_dir, cfg.ict.run_dir, ict_wall,
                f"ICT held-out R@5 {ict['before.ict_recall@5']:.2f} -> {ict['after.ict_recall@5']:.2f}")
@@ -190,7 +194,8 @@ def main() -> None:
         stats = stats_of[key] = pretrain(cfg, run_dir, args.reuse, **overrides)
         figures.update({f"{key}.run.{k}": v for k, v in stats.items() if v is not None})
         record(label, key, run_dir, run_dir, stats["wall_s"],
-               f"loss {stats['loss_first10']:.2f} -> {stats['loss_last10']:.2f}; {stats['index_versions']} index versions")
+               f"loss {stats['loss_first10']:.2f} -> {stats['loss_last10']:.2f}; {stats['index_versions']} index versions"
+               + (f"; from {args.init_from}" if args.init_from else ""))
 
     wait_rows = []
     if {"c", "sync"} <= wanted:
