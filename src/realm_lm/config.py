@@ -166,7 +166,7 @@ class PretrainConfig:
     steps: int = 200
     batch_size: int = 4
     # queries per forward/backward pass, the gradients summed over a step's passes (0: the whole batch in one):
-    # the paper's batch of 512 in the memory of a few queries; the step is the same, only slower
+    # the paper's batch of 512 in the memory of a few queries, the same step (README, "Batch")
     micro_batch_size: int = 0
     lr: float = 3e-5
     head_lr_scale: float = 10.0  # the MLM head's transform is newly initialised: it learns at lr * this
@@ -186,9 +186,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         # top_k counts the null block; heldout_every = 1 would hold out every block
-        _check("pretrain", self, at_least={"steps": 1, "batch_size": 1, "micro_batch_size": 0, "head_lr_scale": 0, "retriever_lr_scale": 0,
-                                           "warmup_steps": -1, "weight_decay": 0, "top_k": 2, "query_len": 3,
-                                           "max_masks": 1, "heldout_every": 2, "save_every": 1},
+        _check("pretrain", self, at_least={"steps": 1, "batch_size": 1, "micro_batch_size": 0, "head_lr_scale": 0,
+                                           "retriever_lr_scale": 0, "warmup_steps": -1, "weight_decay": 0, "top_k": 2,
+                                           "query_len": 3, "max_masks": 1, "heldout_every": 2, "save_every": 1},
                positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
                choices={"masking": MASKING_MODES, "marginal": MARGINALS})
 
