@@ -129,8 +129,9 @@ def main() -> None:
     parser.add_argument("--eval-set", action="append", default=[], help="override of the evaluation preset")
     args = parser.parse_args()
     wanted = set(args.variants.split(","))
+    init_from = args.init_from or f"{args.runs}/ict"
     cfg = load_config(args.config, [*args.set, f"pretrain.steps={args.steps}", f"ict.steps={args.ict_steps}",
-                                    f"ict.run_dir={args.runs}/ict", f"pretrain.init_from={args.init_from or args.runs + '/ict'}"])
+                                    f"ict.run_dir={args.runs}/ict", f"pretrain.init_from={init_from}"])
     eval_cfg = load_config(args.eval_config, args.eval_set)
     setup_runtime(cfg)
     fetch_data(cfg.data.dir)

@@ -241,8 +241,8 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
                            *[f"{result[k]:.3f}" for k in recall_keys], f"{result['questions_per_s']:.1f}"]]))
     # the figures with what they were measured on, so that a result can be recorded without re-scoring predictions
     # named after the predictions they score, so that two evaluations written to one folder keep their own figures
-    default_metrics = out.with_name(f"{out.stem}.metrics.json") if args.predictions else out.with_name(f"metrics-{name}.json")
-    metrics = Path(args.json or default_metrics)
+    metrics = Path(args.json or out.with_name(f"{out.stem}.metrics.json" if args.predictions
+                                              else f"metrics-{name}.json"))
     write_json_atomic(metrics, {
         **result, "run": str(args.from_run), "questions": args.questions or f"open-squad {args.split}",
         "limit": args.limit, "top_k": answerer.top_k, "retriever": "realm" if answerer.dense else "bm25",

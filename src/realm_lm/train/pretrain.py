@@ -202,17 +202,15 @@ class PretrainRecipe:
         its share of the queries, so the summed gradient is the whole batch's and memory is one micro-batch's.
         Returns the batch's metrics, weighted the same way."""
         n_queries = sum(len(b.queries) for b in batches)
-        n_masks = sum(float(b.label_mask.sum()) for b in batches)
-        totals = dict.fromkeys(("loss", "mask_acc", "ru_top", "p_null", "masks"), 0.0)
+        n_masks = sum(float(b.label_mask.sum()) for b in batches)  # >= 1 a query
+        totals = dict.fromkeys(("loss", "mask_acc", "ru_top", "p_null"), 0.0) | {"masks": n_masks}
         for batch in batches:
             out = self.forward(batch)
             share = len(batch.queries) / n_queries
             (out["loss"] * share).backward()
-            mask_share = float(out["masks"]) / max(n_masks, 1.0)
             for name in ("loss", "ru_top", "p_null"):
                 totals[name] += float(out[name].detach()) * share
-            totals["mask_acc"] += float(out["mask_acc"]) * mask_share
-            totals["masks"] += float(out["masks"])
+            totals["mask_acc"] += float(out["mask_acc"]) * float(out["masks"]) / n_masks
         return totals
 
     def train_step(self) -> dict[str, Any]:
