@@ -37,6 +37,8 @@ from realm_lm.train.checkpoint import read_metrics_log
 from realm_lm.train.ict import IctRecipe, main as ict_main
 from realm_lm.train.pretrain import PretrainRecipe
 
+TABLE_HEADER = ["variant", "dev R@5", "dev R@20", "held-out mask acc", "RU(top)", "train s", "notes"]
+
 
 def ensure_store(cfg) -> CorpusStore:
     try:
@@ -153,7 +155,8 @@ def main() -> None:
                         f"{key}.eval_wall_s": round(time.perf_counter() - t0, 1)})
         rows.append([label, f"{recall['recall@5']:.3f}", f"{recall['recall@20']:.3f}", f"{acc['heldout_mask_acc']:.3f}",
                      f"{acc['heldout_ru_top']:+.2f}", f"{wall:.0f}", extra])
-        print(rows[-1], flush=True)
+        # one line per variant as it finishes; the table comes at the end
+        print("  ".join(f"{h}: {v}" for h, v in zip(TABLE_HEADER, rows[-1]) if v), flush=True)
 
     if "a" in wanted:
         for base in (eval_cfg, minilm_mean_config(eval_cfg)):
@@ -210,7 +213,7 @@ def main() -> None:
                               stats["index_wait_s"], stats["train_wall_s"], f"{stats['train_wall_s'] / steps:.2f}",
                               f"{share:.1%}"])
 
-    print("\n" + markdown_table(["variant", "dev R@5", "dev R@20", "held-out mask acc", "RU(top)", "train s", "notes"], rows))
+    print("\n" + markdown_table(TABLE_HEADER, rows))
     if wait_rows:
         print("\n" + markdown_table(["refresh", "steps", "refreshes started", "index versions used", "refresh s (median)",
                                      "trainer waited s", "training wall s", "s / step", "waiting share"], wait_rows))
