@@ -19,6 +19,7 @@ from realm_lm.index import refresher as refresher_module
 from realm_lm.index.refresher import IndexBuilderError
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.train.checkpoint import latest_checkpoint
+from realm_lm.train.data import title_and_body
 from realm_lm.train.pretrain import PretrainRecipe
 
 from conftest import ROOT, tiny_overrides
@@ -45,6 +46,33 @@ def test_candidates_exclude_the_source_block_and_end_with_the_null_block(tmp_pat
         # the forward adds the null block as the last candidate: with k-1 retrieved, logits have k columns
         out = recipe.forward(batch)
         assert torch.isfinite(out["loss"]) and 0 <= float(out["p_null"]) <= 1
+    finally:
+        recipe.close()
+
+
+@pytest.mark.parametrize("read_titles", [False, True])
+def test_the_encoder_reads_each_candidate_body_with_its_title_when_asked(tmp_path, monkeypatch, read_titles):
+    recipe = recipe_for(tmp_path, f"encoder.read_titles={str(read_titles).lower()}")
+    recipe.setup()
+    try:
+        seen = {}
+        encode = recipe.model.encoder.forward
+
+        def spy(ids, mask, types, positions):
+            seen["ids"], seen["types"] = ids, types
+            return encode(ids, mask, types, positions)
+        monkeypatch.setattr(recipe.model.encoder, "forward", spy)
+        rng = np.random.default_rng(0)
+        batch = recipe.make_batch(rng.choice(recipe.train_sentences, 2, replace=False), rng)
+        q = recipe.model.retriever.query(batch.query_ids, batch.query_mask)
+        cands = recipe.candidates(q, batch.source_rows)
+        recipe.forward(batch)
+        sep, n_query = recipe.special.sep, int(batch.query_mask[0].sum())
+        row = seen["ids"][0][seen["types"][0] == 1].tolist()  # the first query's first candidate, after the query
+        title, body = title_and_body(recipe.store, cands[0][0], sep)
+        block = [*title, sep, *body] if read_titles else list(body)
+        room = recipe.cfg.encoder.max_joint_len - n_query - 1
+        assert row == block[:room] + [sep]
     finally:
         recipe.close()
 
