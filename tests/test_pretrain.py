@@ -50,9 +50,8 @@ def test_candidates_exclude_the_source_block_and_end_with_the_null_block(tmp_pat
         recipe.close()
 
 
-@pytest.mark.parametrize("read_titles", [False, True])
-def test_the_encoder_reads_each_candidate_body_with_its_title_when_asked(tmp_path, monkeypatch, read_titles):
-    recipe = recipe_for(tmp_path, f"encoder.read_titles={str(read_titles).lower()}")
+def test_the_encoder_reads_each_candidate_body_after_the_query(tmp_path, monkeypatch):
+    recipe = recipe_for(tmp_path)
     recipe.setup()
     try:
         seen = {}
@@ -69,10 +68,10 @@ def test_the_encoder_reads_each_candidate_body_with_its_title_when_asked(tmp_pat
         recipe.forward(batch)
         sep, n_query = recipe.special.sep, int(batch.query_mask[0].sum())
         row = seen["ids"][0][seen["types"][0] == 1].tolist()  # the first query's first candidate, after the query
-        title, body = title_and_body(recipe.store, cands[0][0], sep)
-        block = [*title, sep, *body] if read_titles else list(body)
+        body = title_and_body(recipe.store, cands[0][0], sep)[1].tolist()  # the title dropped, as in REALM's code
         room = recipe.cfg.encoder.max_joint_len - n_query - 1
-        assert row == block[:room] + [sep]
+        assert seen["ids"][0][:n_query].tolist() == batch.query_ids[0][:n_query].tolist()
+        assert row == body[:room] + [sep]
     finally:
         recipe.close()
 

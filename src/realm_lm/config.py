@@ -114,10 +114,7 @@ class IndexConfig:
 @dataclass(frozen=True)
 class EncoderConfig:
     model: str = "minilm"  # the knowledge-augmented encoder: a separate copy of this BERT
-    max_joint_len: int = 512  # [CLS] query [SEP] block [SEP] is cut to this many wordpieces
-    # the block it reads after the query: its body alone (REALM's code drops the title) or, when true,
-    # title [SEP] body, as the QA reader that starts from this encoder reads it
-    read_titles: bool = False
+    max_joint_len: int = 512  # [CLS] query [SEP] body [SEP] is cut to this many wordpieces
 
     def __post_init__(self) -> None:
         _check("encoder", self, at_least={"max_joint_len": 8})

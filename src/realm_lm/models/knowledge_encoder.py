@@ -1,5 +1,4 @@
-"""REALM's knowledge-augmented encoder: a BERT over ``[CLS] query [SEP] block body [SEP]`` (the title before
-the body with ``encoder.read_titles``) with an MLM head
+"""REALM's knowledge-augmented encoder: a BERT over ``[CLS] query [SEP] block body [SEP]`` with an MLM head
 evaluated only at the masked positions (never full-vocabulary logits at every position)."""
 
 from __future__ import annotations

@@ -44,10 +44,8 @@ def title_and_body(store: CorpusStore, row: int, sep: int) -> tuple[np.ndarray, 
     return tokens[1:first_sep], tokens[first_sep + 1:-1]
 
 
-def encoder_block(store: CorpusStore, row: int, sep: int, with_title: bool) -> np.ndarray:
-    """What the knowledge-augmented encoder reads of a block after the query: ``body``, or ``title [SEP] body``."""
-    title, body = title_and_body(store, row, sep)
-    return np.concatenate([title, [sep], body]) if with_title else body
+def body_of(store: CorpusStore, row: int, sep: int) -> np.ndarray:
+    return title_and_body(store, row, sep)[1]
 
 
 @dataclass
@@ -75,15 +73,14 @@ def collate_queries(queries: list[MaskedQuery], source_rows: np.ndarray, special
     return PretrainBatch(ids, mask, positions, labels, label_mask, np.asarray(source_rows), queries)
 
 
-def joint_inputs(queries: list[MaskedQuery], blocks: list[list[np.ndarray]], special: SpecialIds,
+def joint_inputs(queries: list[MaskedQuery], bodies: list[list[np.ndarray]], special: SpecialIds,
                  max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[CLS] query [SEP] block [SEP]`` for every (query, candidate) pair, each block as :func:`encoder_block`
-    gives it (its end cut to fit ``max_len``): ids, mask, token types, each [B*K, W]."""
+    """``[CLS] query [SEP] body [SEP]`` for every (query, candidate) pair: ids, mask, token types, each [B*K, W]."""
     rows, types = [], []
-    for q, candidates in zip(queries, blocks):
-        for block in candidates:
+    for q, candidates in zip(queries, bodies):
+        for body in candidates:
             room = max(0, max_len - len(q.input_ids) - 1)
-            row = np.concatenate([q.input_ids, block[:room], [special.sep]])
+            row = np.concatenate([q.input_ids, body[:room], [special.sep]])
             rows.append(row)
             types.append(np.concatenate([np.zeros(len(q.input_ids)), np.ones(len(row) - len(q.input_ids))]))
     ids, mask = pad_rows(rows, special.pad)

@@ -26,7 +26,7 @@ from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, resume_point, save_checkpoint,
                                        set_rng_state, truncate_metrics_log)
-from realm_lm.train.data import (PretrainBatch, block_rows, collate_queries, encoder_block, heldout_mask, joint_inputs,
+from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
                                  pad_rows)
 from realm_lm.train.loop import clip_each_group, run_steps
 
@@ -167,9 +167,8 @@ class PretrainRecipe:
         with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
             scores = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
             logits = model.retrieval_scale(scores)  # [B, k+1]
-        titles = self.cfg.encoder.read_titles
-        blocks = [[encoder_block(self.store, r, sp.sep, titles) for r in c] + [np.zeros(0, np.int64)] for c in cands]
-        ids, mask, types = joint_inputs(batch.queries, blocks, sp, self.cfg.encoder.max_joint_len)  # [B*(k+1), W]
+        bodies = [[body_of(self.store, r, sp.sep) for r in c] + [np.zeros(0, np.int64)] for c in cands]
+        ids, mask, types = joint_inputs(batch.queries, bodies, sp, self.cfg.encoder.max_joint_len)  # [B*(k+1), W]
         K = k + 1
         positions = batch.mask_positions.repeat_interleave(K, dim=0)  # [B*K, M]
         logp = model.encoder(ids, mask, types, positions).view(B, K, positions.shape[1], -1)  # [B, K, M, V]
