@@ -6,9 +6,11 @@
    blocks, 2 threads): the reference, then ours on the same work, sequentially, with the ratio;
 2. the same model over the real corpus store (blocks of real length; we pay for no padding), vs the reference;
 3. the real model (all-MiniLM-L6-v2 + projection) over the whole real corpus: what `realm index build` costs.
+All of the above in fp32, the reference's precision; on a CPU that multiplies bf16 in silicon (AMX or AVX512-BF16),
+ours again under bf16 autocast (what runtime.precision = "auto" runs there), reported apart.
 MFU uses the fp32 matmul peak measured by cpu_peak.py in the same run and the FLOP formula of
 ../shared/bench/hf_realm/README.md (F_emb(L) per block, at each block's real length).
-Writes benchmarks/results/embed_throughput.json.
+Writes benchmarks/results/NAME.json (--name, default embed_throughput).
 """
 
 import argparse
@@ -24,6 +26,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import embed_rows
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.report import markdown_table, write_results
+from realm_lm.runtime import autocast, cpu_bf16_instructions
 
 from hf_reference import HF_BENCH, HF_PYTHON, cpu_peak_gflops, run_json
 
@@ -34,12 +37,14 @@ def f_emb(L: np.ndarray, H: int, I: int, N: int, P: int) -> np.ndarray:
     return N * (L * 2 * (4 * H * H + 2 * H * I) + 4 * L * L * H) + 2 * H * H + 2 * H * P
 
 
-def timed_embed(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, batch_tokens: int, desc: str) -> float:
-    """Blocks per second over all rows, after one warm-up batch."""
-    embed_rows(embedder, tokens[:64], lengths[:64], batch_tokens, progress=False)
-    t0 = time.perf_counter()
-    embed_rows(embedder, tokens, lengths, batch_tokens, desc=desc)
-    return len(lengths) / (time.perf_counter() - t0)
+def timed_embed(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, batch_tokens: int, desc: str,
+                precision: str = "fp32") -> float:
+    """Blocks per second over all rows, after one warm-up batch, in ``precision`` (fp32, or bf16 autocast)."""
+    with autocast(torch.device("cpu"), precision):
+        embed_rows(embedder, tokens[:64], lengths[:64], batch_tokens, progress=False)
+        t0 = time.perf_counter()
+        embed_rows(embedder, tokens, lengths, batch_tokens, desc=f"{desc}, {precision}")
+        return len(lengths) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--hf-python", default=str(HF_PYTHON), help="python of the reference venv (its setup.sh)")
     parser.add_argument("--config", default="configs/open_squad.toml")
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--name", default="embed_throughput", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging
@@ -106,8 +112,21 @@ def main() -> None:
         figures.update({"real_minilm.blocks_per_s": round(ours_minilm, 2),
                         "real_minilm.mfu": round(ours_minilm * flop_m / 1e9 / peak_gflops, 4),
                         "real_minilm.corpus_s": round(len(store) / ours_minilm, 1)})
+    if bf16_silicon := cpu_bf16_instructions():  # what runtime.precision = "auto" runs on this CPU
+        works = [("synthetic", synthetic, docs, np.full(args.num_docs, L), ref_dps, "synthetic 288-token"),
+                 ("real_refconfig", synthetic, store.tokens, lengths, ref_dps, "real corpus, ref. config")]
+        if not args.skip_minilm:
+            works.append(("real_minilm", minilm, store.tokens, lengths, None, "real corpus, MiniLM"))
+        for key, embedder, tokens, lens, ref_rate, desc in works:
+            rate = timed_embed(embedder, tokens, lens, args.batch_tokens, desc, "bf16")
+            ratio = f"{rate / ref_rate:.2f}" if ref_rate else ""
+            rows.append([f"ours, {desc}, bf16 autocast ({bf16_silicon})", f"{rate:.1f}", ratio, "", ""])
+            figures[f"{key}_bf16.blocks_per_s"] = round(rate, 2)
+            figures[f"{key}_bf16.seconds"] = round(len(lens) / rate, 1)
+            if ref_rate:
+                figures[f"{key}_bf16.ratio"] = round(rate / ref_rate, 3)
     print(markdown_table(["run", "blocks/s", "vs reference", "GFLOP/s", "MFU"], rows))
-    print(f"\nwrote {write_results('embed_throughput', figures)}")
+    print(f"\nwrote {write_results(args.name, figures)}")
 
 
 if __name__ == "__main__":
