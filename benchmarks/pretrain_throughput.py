@@ -11,7 +11,8 @@ positions only. Ours runs twice: with BERT's attention dropout (0.1, as the refe
 it runs through models/cpu_dropout.py) and with `attention_dropout = 0`, which lets torch's CPU attention use
 its fused kernel, both in fp32 as the reference; on a CPU with AMX or AVX512-BF16 also with dropout 0.1 under bf16 autocast
 (`runtime.precision = "auto"` there), reported apart. The reference runs first
-without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs). Writes benchmarks/results/pretrain_throughput.json.
+without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs). Writes benchmarks/results/NAME.json (--name,
+default pretrain_throughput).
 """
 
 import argparse
@@ -122,6 +123,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--hf-python", default=str(HF_PYTHON))
+    parser.add_argument("--name", default="pretrain_throughput", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     peak = cpu_peak_gflops(args.hf_python, 2)
@@ -162,7 +164,7 @@ def main() -> None:
                     f"{name}.ratio_vs_reference": round(m["examples_per_s"] / ref["examples_per_s"], 3),
                     f"{name}.ratio_vs_reference_reembed": round(m["examples_per_s"] / ref_re["examples_per_s"], 3),
                     f"{name}.loss_first": round(m["loss_first"], 3), f"{name}.loss_last": round(m["loss_last"], 3)}
-    print(f"\nwrote {write_results('pretrain_throughput', figures)}")
+    print(f"\nwrote {write_results(args.name, figures)}")
 
 
 if __name__ == "__main__":
