@@ -11,8 +11,8 @@ positions only. Ours runs twice: with BERT's attention dropout (0.1, as the refe
 it runs through models/cpu_dropout.py) and with `attention_dropout = 0`, which lets torch's CPU attention use
 its fused kernel, both in fp32 as the reference; on a CPU with AMX or AVX512-BF16 also with dropout 0.1 under bf16 autocast
 (`runtime.precision = "auto"` there), reported apart. The reference runs first
-without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs). Writes benchmarks/results/NAME.json (--name,
-default pretrain_throughput).
+without, then with --reembed-docs. Median step time; peak RSS of each process (ours: of both runs).
+Writes benchmarks/results/NAME.json (--name, default pretrain_throughput).
 """
 
 import argparse
