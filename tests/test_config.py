@@ -51,6 +51,12 @@ def test_bad_overrides_are_rejected(bad, message):
         load_config(None, [bad])
 
 
+def test_require_evidence_needs_salient_spans():
+    with pytest.raises(ConfigError, match="pretrain.require_evidence needs pretrain.masking"):
+        load_config(None, ["pretrain.masking=random-span", "pretrain.require_evidence=true"])
+    assert load_config(None, ["pretrain.require_evidence=true"]).pretrain.require_evidence
+
+
 def test_a_run_saved_with_a_retired_key_still_loads_but_a_preset_may_not_set_it():
     stored = config_to_dict(RunConfig())
     stored["pretrain"]["log_every"] = 1  # what run folders saved before the field was removed hold

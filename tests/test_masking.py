@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from realm_lm.corpus.store import CorpusStore, build_corpus
-from realm_lm.masking import DATE_RE, build_sentence_table, mask_query, salient_spans, spans_per_sentence
+from realm_lm.masking import (DATE_RE, SentenceSpans, build_sentence_table, keep_spans, mask_query, salient_spans,
+                              spans_per_sentence)
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 
 from conftest import FIXTURES
@@ -36,6 +37,13 @@ def test_masks_respect_the_limits_and_never_hit_special_tokens(special, mode):
 
 def test_salient_mode_needs_a_span(special):
     assert mask_query(np.arange(10, 20), special, "salient", np.random.default_rng(0), np.zeros((0, 2), int), 24, 4) is None
+
+
+def test_keep_spans_keeps_each_span_under_its_sentence():
+    spans = SentenceSpans(np.array([0, 2, 2, 5]), np.array([[0, 1], [3, 4], [1, 2], [5, 7], [8, 9]]))
+    kept = keep_spans(spans, np.array([False, True, True, False, True]))
+    assert [kept.of(s).tolist() for s in range(3)] == [[[3, 4]], [], [[1, 2], [8, 9]]]
+    assert len(keep_spans(spans, np.zeros(5, bool)).tok) == 0
 
 
 def test_date_regex():

@@ -19,7 +19,7 @@ from realm_lm.index import refresher as refresher_module
 from realm_lm.index.refresher import IndexBuilderError
 from realm_lm.index.versioned import latest_version, load_index
 from realm_lm.train.checkpoint import latest_checkpoint
-from realm_lm.train.data import title_and_body
+from realm_lm.train.data import body_of, contains_run, title_and_body
 from realm_lm.train.pretrain import PretrainRecipe
 
 from conftest import ROOT, tiny_overrides
@@ -74,6 +74,41 @@ def test_the_encoder_reads_each_candidate_body_after_the_query(tmp_path, monkeyp
         assert row == body[:room] + [sep]
     finally:
         recipe.close()
+
+
+def test_contains_run():
+    tokens = np.array([5, 6, 7, 5, 6])
+    assert contains_run(tokens, np.array([7, 5])) and contains_run(tokens, np.array([5, 6, 7, 5, 6]))
+    assert not contains_run(tokens, np.array([6, 5])) and not contains_run(tokens, np.array([5, 6, 7, 5, 6, 7]))
+    assert not contains_run(tokens, np.array([], dtype=int))
+
+
+def test_require_evidence_trains_only_on_spans_a_candidate_holds_and_a_resume_keeps_them(tmp_path):
+    plain = recipe_for(tmp_path / "plain", "pretrain.masking=salient")
+    plain.setup()
+    plain.close()
+    # the tiny corpus's 36 blocks are all candidates: a span is kept where another block holds it
+    recipe = recipe_for(tmp_path / "kept", "pretrain.masking=salient", "pretrain.require_evidence=true", "pretrain.top_k=36")
+    recipe.setup()
+    try:
+        kept = recipe.train_sentences
+        assert 2 <= len(kept) < len(plain.train_sentences) and np.isin(kept, plain.train_sentences).all()
+        for s in plain.heldout_sentences:  # held-out evaluation keeps every span
+            assert (recipe.spans.of(s) == plain.spans.of(s)).all()
+        # at step 0, every query masked from the kept spans finds its masked wordpieces in one of its candidates
+        rng = np.random.default_rng(1)
+        for _ in range(5):
+            batch = recipe.make_batch(rng.choice(kept, 2, replace=False), rng)
+            q = recipe.model.retriever.query(batch.query_ids, batch.query_mask)
+            for query, rows in zip(batch.queries, recipe.candidates(q, batch.source_rows)):
+                assert any(contains_run(body_of(recipe.store, r, recipe.special.sep), query.labels) for r in rows)
+        recipe.train(stop_after=2)
+    finally:
+        recipe.close()
+    resumed = PretrainRecipe(recipe.cfg)  # trained weights, but the spans chosen at the start
+    resumed.setup(resume=True)
+    resumed.close()
+    assert resumed.step == 2 and (resumed.train_sentences == kept).all()
 
 
 def test_attention_dropout_setting_reaches_every_bert(tmp_path):

@@ -178,6 +178,10 @@ class PretrainConfig:
     query_len: int = 96
     max_masks: int = 10
     masking: str = "salient"  # salient | random-uniform | random-span
+    # train only on the salient spans that the starting retriever finds in one of a query's top_k - 1 candidate
+    # blocks, so that every query can be answered by reading (README, "How pre-training works"); held-out
+    # evaluation keeps every span
+    require_evidence: bool = False
     marginal: str = "per-token"  # per-token (released code) | paper (product over masks inside the sum over z)
     retrieval_scale: float = 0.1  # f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
     heldout_every: int = 20  # every 20th block (by id hash) is held out of training, for evaluation
@@ -191,6 +195,8 @@ class PretrainConfig:
                                            "query_len": 3, "max_masks": 1, "heldout_every": 2, "save_every": 1},
                positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
                choices={"masking": MASKING_MODES, "marginal": MARGINALS})
+        if self.require_evidence and self.masking != "salient":
+            raise ConfigError("pretrain.require_evidence needs pretrain.masking = \"salient\"")
 
 
 @dataclass(frozen=True)

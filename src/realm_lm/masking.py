@@ -172,6 +172,13 @@ def spans_per_sentence(table: SentenceTable, span_rows: np.ndarray, span_chars: 
     return SentenceSpans(np.asarray(starts, np.int64), np.asarray(out, np.int64).reshape(-1, 2))
 
 
+def keep_spans(spans: SentenceSpans, keep: np.ndarray) -> SentenceSpans:
+    """The spans where ``keep`` [E'] is True, each still under its sentence."""
+    sentence_of = np.repeat(np.arange(len(spans.start) - 1), np.diff(spans.start))  # [E']
+    counts = np.bincount(sentence_of[keep], minlength=len(spans.start) - 1)  # [S]
+    return SentenceSpans(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), spans.tok[keep])
+
+
 @dataclass
 class MaskedQuery:
     input_ids: np.ndarray  # int64 [Lq] [CLS] sentence-with-masks [SEP]

@@ -48,6 +48,14 @@ def body_of(store: CorpusStore, row: int, sep: int) -> np.ndarray:
     return title_and_body(store, row, sep)[1]
 
 
+def contains_run(tokens: np.ndarray, run: np.ndarray) -> bool:
+    """Whether ``run`` occurs in ``tokens`` as a contiguous subsequence."""
+    if len(run) == 0 or len(run) > len(tokens):
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, len(run))  # [len(tokens) - len(run) + 1, len(run)]
+    return bool((windows == run).all(-1).any())
+
+
 @dataclass
 class PretrainBatch:
     query_ids: torch.Tensor  # [B, Lq]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from realm_lm.artifacts import write_json_atomic
 from realm_lm.config import RunConfig, config_to_dict
@@ -18,7 +19,7 @@ from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.refresher import IndexBuilderError, IndexRefresher
 from realm_lm.index.versioned import pin
 from realm_lm.losses import marginal_nll, retrieval_utility
-from realm_lm.masking import build_sentence_table, mask_query, salient_spans, spans_per_sentence
+from realm_lm.masking import build_sentence_table, keep_spans, mask_query, salient_spans, spans_per_sentence
 from realm_lm.models.embedder import RetrievalScale, Retriever, build_retriever, configure_dropout, load_bert
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
@@ -26,8 +27,8 @@ from realm_lm.runtime import autocast, resolve_device
 from realm_lm.train import distributed
 from realm_lm.train.checkpoint import (latest_checkpoint, load_checkpoint, resume_point, save_checkpoint,
                                        set_rng_state, truncate_metrics_log)
-from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, heldout_mask, joint_inputs,
-                                 pad_rows)
+from realm_lm.train.data import (PretrainBatch, block_rows, body_of, collate_queries, contains_run, heldout_mask,
+                                 joint_inputs, pad_rows)
 from realm_lm.train.loop import clip_each_group, run_steps
 
 
@@ -118,6 +119,50 @@ class PretrainRecipe:
         # every rank, once the first index exists (resumed: the index the checkpoint used)
         self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version,
                              self.checkpoint_pending_refresh)
+        if p.require_evidence:
+            self.spans = keep_spans(self.spans, self.spans_with_evidence())
+            kept = np.diff(self.spans.start)[self.train_sentences] > 0  # [training sentences]
+            print(f"pretrain.require_evidence: {kept.sum():,} of {len(kept):,} training sentences keep a span found "
+                  f"in a candidate block", file=sys.stderr)
+            self.train_sentences = self.train_sentences[kept]
+            if len(self.train_sentences) < p.batch_size:
+                raise ValueError(f"pretrain.require_evidence leaves {len(self.train_sentences)} training sentences, "
+                                 f"fewer than a batch of {p.batch_size}")
+
+    def spans_with_evidence(self, batch_size: int = 64) -> np.ndarray:
+        """bool [E']: the training sentences' spans whose wordpieces occur in one of the top_k - 1 candidate blocks
+        retrieved for the query that masks them (by the retriever and index the run starts from); held-out
+        sentences keep every span. Saved in the run folder, so that a resumed run trains on the same spans."""
+        saved = self.run_dir / "evidence_spans.npy"
+        keep = np.ones(len(self.spans.tok), dtype=bool)
+        if saved.is_file() and (found := np.load(saved)).shape == keep.shape:
+            return found
+        p, t, sp = self.cfg.pretrain, self.sentences, self.special
+        spans = [(s, e) for s in self.train_sentences for e in range(self.spans.start[s], self.spans.start[s + 1])]
+        rng = np.random.default_rng(0)  # mask_query is given one span: nothing is left to chance
+        self.model.eval()
+        for lo in tqdm(range(0, len(spans), batch_size), desc="spans with evidence", unit="batch"):
+            queries, sources, ids = [], [], []
+            for s, e in spans[lo:lo + batch_size]:
+                row = t.block[s]
+                q = mask_query(t.body(row)[t.tok_start[s]:t.tok_end[s]], sp, "salient", rng, self.spans.tok[e:e + 1],
+                               p.query_len, p.max_masks)
+                keep[e] = q is not None
+                if q is not None:
+                    queries.append(q), sources.append(row), ids.append(e)
+            if not queries:
+                continue
+            batch = collate_queries(queries, np.asarray(sources), sp)
+            with torch.no_grad(), autocast(self.device, self.cfg.runtime.precision):
+                query_emb = self.model.retriever.query(batch.query_ids, batch.query_mask)  # [B, D]
+            for e, q, rows in zip(ids, queries, self.candidates(query_emb, batch.source_rows)):
+                keep[e] = any(contains_run(body_of(self.store, r, sp.sep), q.labels) for r in rows)
+        if distributed.is_main():
+            tmp = saved.with_name(f".{saved.name}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, keep)
+            tmp.replace(saved)
+        return keep
 
     def resume(self, ckpt: Path) -> None:
         state = load_checkpoint(ckpt, self.model, self.opt)
