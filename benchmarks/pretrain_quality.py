@@ -55,10 +55,12 @@ def dev_recall(eval_cfg, run_dir: str | None, store: CorpusStore, kind: str = "r
 
 @contextmanager
 def recipe_at(cfg, init_from: str, out_dir: Path) -> Iterator[PretrainRecipe]:
-    """A REALM pre-training recipe set up with the weights of ``init_from`` (an ICT or REALM run), salient masks and
-    an index its document tower built in ``out_dir`` (emptied first), never refreshed: for measurements, no steps."""
+    """A REALM pre-training recipe set up with the weights of ``init_from`` (an ICT or REALM run), salient masks (every
+    span: no ``require_evidence``) and an index its document tower built in ``out_dir`` (emptied first), never
+    refreshed: for measurements, no steps."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    ecfg = replace(cfg, pretrain=replace(cfg.pretrain, run_dir=str(out_dir), init_from=init_from, masking="salient"),
+    ecfg = replace(cfg, pretrain=replace(cfg.pretrain, run_dir=str(out_dir), init_from=init_from, masking="salient",
+                                         require_evidence=False),
                    refresh=replace(cfg.refresh, mode="never"))
     recipe = PretrainRecipe(ecfg)
     recipe.setup()
