@@ -34,7 +34,7 @@ def test_overrides_are_typed():
     ("index", "must look like"),
     # values out of range fail when the config is loaded, not minutes into a run (each crashed or misbehaved once)
     ("reader.top_k=0", r"reader.top_k must be >= 1, not 0"),
-    ("pretrain.top_k=1", r"pretrain.top_k must be >= 2"),  # the null block is one of the k
+    ("pretrain.top_k=0", r"pretrain.top_k must be >= 1"),  # the null block is one of the k
     ("pretrain.heldout_every=0", r"heldout_every must be >= 2"),
     ("finetune.lr=0", r"finetune.lr must be > 0"),
     ("ict.remove_prob=1.5", r"ict.remove_prob must lie in \[0, 1\]"),
@@ -55,6 +55,8 @@ def test_require_evidence_needs_salient_spans():
     with pytest.raises(ConfigError, match="pretrain.require_evidence needs pretrain.masking"):
         load_config(None, ["pretrain.masking=random-span", "pretrain.require_evidence=true"])
     assert load_config(None, ["pretrain.require_evidence=true"]).pretrain.require_evidence
+    with pytest.raises(ConfigError, match="pretrain.top_k >= 2"):  # top_k = 1 retrieves nothing
+        load_config(None, ["pretrain.top_k=1", "pretrain.require_evidence=true"])
 
 
 def test_a_run_saved_with_a_retired_key_still_loads_but_a_preset_may_not_set_it():

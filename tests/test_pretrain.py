@@ -137,6 +137,23 @@ def test_gradients_reach_both_towers_and_the_encoder(tmp_path):
         recipe.close()
 
 
+def test_top_k_1_trains_the_encoder_on_the_null_block_alone(tmp_path):
+    recipe = recipe_for(tmp_path, "pretrain.top_k=1", "refresh.mode=never")
+    recipe.setup()
+    try:
+        batch = recipe.make_batch(recipe.train_sentences[:2], np.random.default_rng(0))
+        recipe.model.train()
+        out = recipe.forward(batch)
+        out["loss"].backward()
+        assert float(out["p_null"]) == 1 and float(out["ru_top"]) == 0  # one candidate: the null block
+        assert all(p.grad is None or not p.grad.any() for p in recipe.model.retriever.parameters())
+        assert any(p.grad is not None and p.grad.any() for p in recipe.model.encoder.parameters())
+        history = recipe.train()
+        assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+    finally:
+        recipe.close()
+
+
 def test_micro_batches_give_the_whole_batch_gradient_and_metrics(tmp_path):
     recipe = recipe_for(tmp_path, "pretrain.batch_size=4", "runtime.precision=fp32")  # bf16 sums differ by shape
     recipe.setup()

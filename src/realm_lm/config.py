@@ -174,7 +174,7 @@ class PretrainConfig:
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use its fused kernel (steps ~1.4x faster)
     warmup_steps: int = -1  # -1: the paper's min(10k, max(100, steps/10))
     weight_decay: float = 0.01
-    top_k: int = 8  # candidates per query, the null block included
+    top_k: int = 8  # candidates per query, the null block included (1: the null block alone, the no-retrieval control)
     query_len: int = 96
     max_masks: int = 10
     masking: str = "salient"  # salient | random-uniform | random-span
@@ -191,12 +191,14 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         # top_k counts the null block; heldout_every = 1 would hold out every block
         _check("pretrain", self, at_least={"steps": 1, "batch_size": 1, "micro_batch_size": 0, "head_lr_scale": 0,
-                                           "retriever_lr_scale": 0, "warmup_steps": -1, "weight_decay": 0, "top_k": 2,
+                                           "retriever_lr_scale": 0, "warmup_steps": -1, "weight_decay": 0, "top_k": 1,
                                            "query_len": 3, "max_masks": 1, "heldout_every": 2, "save_every": 1},
                positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
                choices={"masking": MASKING_MODES, "marginal": MARGINALS})
         if self.require_evidence and self.masking != "salient":
             raise ConfigError("pretrain.require_evidence needs pretrain.masking = \"salient\"")
+        if self.require_evidence and self.top_k == 1:
+            raise ConfigError("pretrain.require_evidence needs candidates to find evidence in: pretrain.top_k >= 2")
 
 
 @dataclass(frozen=True)

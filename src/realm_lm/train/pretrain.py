@@ -208,7 +208,7 @@ class PretrainRecipe:
         null_block = np.array([sp.cls, sp.sep, sp.sep])  # empty title, empty body: the null block
         d_ids, d_mask = pad_rows([null_block, *block_rows(self.store, np.asarray(cands).reshape(-1))], sp.pad)
         d = model.retriever.doc(d_ids, d_mask)  # [1 + B*k, D]
-        d_cand = d[1:].view(B, k, -1)  # [B, k, D]
+        d_cand = d[1:].view(B, k, d.shape[1])  # [B, k, D] (k = 0: the null block alone)
         with torch.autocast(self.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
             scores = torch.cat([torch.einsum("bd,bkd->bk", q, d_cand), q @ d[0][:, None]], dim=1)  # [B, k+1], null last
             logits = model.retrieval_scale(scores)  # [B, k+1]
@@ -227,8 +227,8 @@ class PretrainRecipe:
             real = label_mask.bool()
             correct = (marginal.argmax(-1) == batch_labels)[real].float().mean()
             ru = retrieval_utility(token_logp, label_mask, null_index=K - 1)  # [B, K]
-            top = logits[:, :-1].argmax(-1)  # the best non-null candidate
-            ru_top = ru.gather(1, top[:, None]).mean()
+            top = logits[:, :-1].argmax(-1) if k else torch.full((B,), K - 1)  # the best non-null candidate, or null
+            ru_top = ru.gather(1, top[:, None].to(ru.device)).mean()
         return {"loss": loss, "mask_acc": correct, "ru_top": ru_top, "p_null": pz[:, -1].mean(),
                 "masks": batch.label_mask.sum()}
 
