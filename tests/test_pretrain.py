@@ -83,12 +83,13 @@ def test_contains_run():
     assert not contains_run(tokens, np.array([], dtype=int))
 
 
-def test_require_evidence_trains_only_on_spans_a_candidate_holds_and_a_resume_keeps_them(tmp_path):
+def test_require_evidence_trains_only_on_spans_a_candidate_holds_chosen_at_the_start_of_a_run(tmp_path):
     plain = recipe_for(tmp_path / "plain", "pretrain.masking=salient")
     plain.setup()
     plain.close()
     # the tiny corpus's 36 blocks are all candidates: a span is kept where another block holds it
-    recipe = recipe_for(tmp_path / "kept", "pretrain.masking=salient", "pretrain.require_evidence=true", "pretrain.top_k=36")
+    recipe = recipe_for(tmp_path / "kept", "pretrain.masking=salient", "pretrain.require_evidence=true",
+                        "pretrain.top_k=36")
     recipe.setup()
     try:
         kept = recipe.train_sentences
@@ -105,10 +106,16 @@ def test_require_evidence_trains_only_on_spans_a_candidate_holds_and_a_resume_ke
         recipe.train(stop_after=2)
     finally:
         recipe.close()
-    resumed = PretrainRecipe(recipe.cfg)  # trained weights, but the spans chosen at the start
-    resumed.setup(resume=True)
+    saved = recipe.run_dir / "evidence_spans.npy"
+    np.save(saved, np.load(saved) & False)  # what a resume must reuse and a fresh run must not: no span kept
+    resumed = PretrainRecipe(recipe.cfg)
+    with pytest.raises(ValueError, match="leaves 0 training sentences"):
+        resumed.setup(resume=True)
     resumed.close()
-    assert resumed.step == 2 and (resumed.train_sentences == kept).all()
+    fresh = PretrainRecipe(recipe.cfg)
+    fresh.setup()
+    fresh.close()
+    assert (fresh.train_sentences == kept).all()
 
 
 def test_attention_dropout_setting_reaches_every_bert(tmp_path):

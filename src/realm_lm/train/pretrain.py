@@ -120,7 +120,7 @@ class PretrainRecipe:
         self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version,
                              self.checkpoint_pending_refresh)
         if p.require_evidence:
-            self.spans = keep_spans(self.spans, self.spans_with_evidence())
+            self.spans = keep_spans(self.spans, self.spans_with_evidence(resumed=self.step > 0))
             kept = np.diff(self.spans.start)[self.train_sentences] > 0  # [training sentences]
             print(f"pretrain.require_evidence: {kept.sum():,} of {len(kept):,} training sentences keep a span found "
                   f"in a candidate block", file=sys.stderr)
@@ -129,13 +129,13 @@ class PretrainRecipe:
                 raise ValueError(f"pretrain.require_evidence leaves {len(self.train_sentences)} training sentences, "
                                  f"fewer than a batch of {p.batch_size}")
 
-    def spans_with_evidence(self, batch_size: int = 64) -> np.ndarray:
+    def spans_with_evidence(self, resumed: bool, batch_size: int = 64) -> np.ndarray:
         """bool [E']: the training sentences' spans whose wordpieces occur in one of the top_k - 1 candidate blocks
         retrieved for the query that masks them (by the retriever and index the run starts from); held-out
-        sentences keep every span. Saved in the run folder, so that a resumed run trains on the same spans."""
+        sentences keep every span. Saved in the run folder: a resumed run trains on the spans its start chose."""
         saved = self.run_dir / "evidence_spans.npy"
         keep = np.ones(len(self.spans.tok), dtype=bool)
-        if saved.is_file() and (found := np.load(saved)).shape == keep.shape:
+        if resumed and saved.is_file() and (found := np.load(saved)).shape == keep.shape:
             return found
         p, t, sp = self.cfg.pretrain, self.sentences, self.special
         spans = [(s, e) for s in self.train_sentences for e in range(self.spans.start[s], self.spans.start[s + 1])]
