@@ -106,8 +106,10 @@ def test_require_evidence_trains_only_on_spans_a_candidate_holds_chosen_at_the_s
         recipe.train(stop_after=2)
     finally:
         recipe.close()
-    saved = recipe.run_dir / "evidence_spans.npy"
-    np.save(saved, np.load(saved) & False)  # what a resume must reuse and a fresh run must not: no span kept
+    saved = recipe.run_dir / "evidence_spans.json"
+    choice = json.loads(saved.read_text())
+    choice["without_evidence"] = list(range(choice["spans"]))  # what a resume must reuse and a fresh run must not
+    saved.write_text(json.dumps(choice))
     resumed = PretrainRecipe(recipe.cfg)
     with pytest.raises(ValueError, match="leaves 0 training sentences"):
         resumed.setup(resume=True)

@@ -3,6 +3,7 @@ asynchronous builder refreshes, and the marginal likelihood over the top-k candi
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -120,11 +121,13 @@ class PretrainRecipe:
         self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version,
                              self.checkpoint_pending_refresh)
         if p.require_evidence:
+            spans_before = np.diff(self.spans.start)[self.train_sentences]  # [training sentences]
             self.spans = keep_spans(self.spans, self.spans_with_evidence(resumed=self.step > 0))
-            kept = np.diff(self.spans.start)[self.train_sentences] > 0  # [training sentences]
-            print(f"pretrain.require_evidence: {kept.sum():,} of {len(kept):,} training sentences keep a span found "
-                  f"in a candidate block", file=sys.stderr)
-            self.train_sentences = self.train_sentences[kept]
+            spans_kept = np.diff(self.spans.start)[self.train_sentences]  # [training sentences]
+            print(f"pretrain.require_evidence: {spans_kept.sum():,} of {spans_before.sum():,} training spans found in "
+                  f"a candidate block; {(spans_kept > 0).sum():,} of {len(spans_kept):,} training sentences keep one",
+                  file=sys.stderr)
+            self.train_sentences = self.train_sentences[spans_kept > 0]
             if len(self.train_sentences) < p.batch_size:
                 raise ValueError(f"pretrain.require_evidence leaves {len(self.train_sentences)} training sentences, "
                                  f"fewer than a batch of {p.batch_size}")
@@ -133,10 +136,11 @@ class PretrainRecipe:
         """bool [E']: the training sentences' spans whose wordpieces occur in one of the top_k - 1 candidate blocks
         retrieved for the query that masks them (by the retriever and index the run starts from); held-out
         sentences keep every span. Saved in the run folder: a resumed run trains on the spans its start chose."""
-        saved = self.run_dir / "evidence_spans.npy"
+        saved = self.run_dir / "evidence_spans.json"
         keep = np.ones(len(self.spans.tok), dtype=bool)
-        if resumed and saved.is_file() and (found := np.load(saved)).shape == keep.shape:
-            return found
+        if resumed and saved.is_file() and (found := json.loads(saved.read_text()))["spans"] == len(keep):
+            keep[found["without_evidence"]] = False
+            return keep
         p, t, sp = self.cfg.pretrain, self.sentences, self.special
         spans = [(s, e) for s in self.train_sentences for e in range(self.spans.start[s], self.spans.start[s + 1])]
         rng = np.random.default_rng(0)  # mask_query is given one span: nothing is left to chance
@@ -158,10 +162,7 @@ class PretrainRecipe:
             for e, q, rows in zip(ids, queries, self.candidates(query_emb, batch.source_rows)):
                 keep[e] = any(contains_run(body_of(self.store, r, sp.sep), q.labels) for r in rows)
         if distributed.is_main():
-            tmp = saved.with_name(f".{saved.name}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, keep)
-            tmp.replace(saved)
+            write_json_atomic(saved, {"spans": len(keep), "without_evidence": np.nonzero(~keep)[0].tolist()})
         return keep
 
     def resume(self, ckpt: Path) -> None:
