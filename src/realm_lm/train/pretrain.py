@@ -228,8 +228,8 @@ class PretrainRecipe:
             real = label_mask.bool()
             correct = (marginal.argmax(-1) == batch_labels)[real].float().mean()
             ru = retrieval_utility(token_logp, label_mask, null_index=K - 1)  # [B, K]
-            top = logits[:, :-1].argmax(-1) if k else torch.full((B,), K - 1)  # the best non-null candidate, or null
-            ru_top = ru.gather(1, top[:, None].to(ru.device)).mean()
+            top = logits[:, :-1].argmax(-1) if k else torch.full((B,), K - 1, device=logits.device)  # best non-null, or null
+            ru_top = ru.gather(1, top[:, None]).mean()
         return {"loss": loss, "mask_acc": correct, "ru_top": ru_top, "p_null": pz[:, -1].mean(),
                 "masks": batch.label_mask.sum()}
 
