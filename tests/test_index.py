@@ -424,3 +424,88 @@ sys.exit(cli.main(["index", "build", "--config", str(ROOT / "configs" / "tiny.to
     [(_, manifest)] = build.unfinished_parts(tiny_cfg.index.dir)
     assert 0 < manifest["n_rows"] < len(CorpusStore(tiny_cfg.corpus.store))
     assert f"the {manifest['n_rows']} blocks embedded so far are kept" in stopped.stderr
+
+
+def _counting_pools(monkeypatch) -> tuple[list[int], object]:
+    """Every Embedder.pool call (one BERT pass over a batch) appends its batch size to the list returned; with
+    ``stop_at`` set on the patched function returned, that call raises KeyboardInterrupt instead."""
+    from realm_lm.models.embedder import Embedder
+
+    passes, pool = [], Embedder.pool
+
+    def counting_pool(self, ids, mask):
+        passes.append(len(ids))
+        if len(passes) == getattr(counting_pool, "stop_at", 0):
+            raise KeyboardInterrupt
+        return pool(self, ids, mask)
+
+    monkeypatch.setattr(Embedder, "pool", counting_pool)
+    return passes, counting_pool
+
+
+def _embeddings(cfg, version) -> np.ndarray:
+    return np.load(Path(cfg.index.dir) / "versions" / version / "embeddings.npy")  # [N, D]
+
+
+def test_towers_sharing_a_body_are_embedded_in_one_pass_as_each_alone(tiny_cfg, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from realm_lm.index.build import ensure_indexes
+    from realm_lm.retrieval import minilm_mean_config
+
+    build_corpus(tiny_cfg)
+    n = len(CorpusStore(tiny_cfg.corpus.store))
+    cfgs = [tiny_cfg, minilm_mean_config(tiny_cfg)]  # REALM's mean-proj tower and the MiniLM baseline: one BERT
+    passes, _ = _counting_pools(monkeypatch)
+    versions = ensure_indexes(cfgs)
+    assert sum(passes) == n  # every block through BERT once, for both indexes
+    assert ensure_indexes(cfgs) == [None, None] and sum(passes) == n  # both current: nothing embedded again
+    for cfg, version in zip(cfgs, versions):
+        alone = replace(cfg, index=replace(cfg.index, dir=str(tmp_path / "alone" / Path(cfg.index.dir).name)))
+        m = read_manifest(cfg.index.dir, version)
+        assert m["rows_embedded"] == n and m["embedding_key"] == read_manifest(alone.index.dir, build_index(alone))[
+            "embedding_key"]
+        np.testing.assert_allclose(_embeddings(cfg, version), _embeddings(alone, latest_version(alone.index.dir)),
+                                   atol=1e-5)
+    assert _embeddings(cfgs[0], versions[0]).shape == (n, 16) and _embeddings(cfgs[1], versions[1]).shape[0] == n
+
+
+def test_a_stopped_pass_for_two_towers_keeps_both_shares_and_the_next_goes_on(tiny_cfg, monkeypatch):
+    from realm_lm.index import build
+    from realm_lm.retrieval import minilm_mean_config
+
+    build_corpus(tiny_cfg)
+    n = len(CorpusStore(tiny_cfg.corpus.store))
+    cfgs = [tiny_cfg, minilm_mean_config(tiny_cfg)]
+    monkeypatch.setattr(build, "SAVE_UNFINISHED_EVERY_S", 1e9)  # only the save on the way out
+    passes, counting_pool = _counting_pools(monkeypatch)
+    counting_pool.stop_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        build.ensure_indexes(cfgs)
+    embedded = sum(passes[:2])
+    for cfg in cfgs:
+        assert latest_version(cfg.index.dir) is None
+        assert [m["n_rows"] for _, m in build.unfinished_parts(cfg.index.dir)] == [embedded]
+    counting_pool.stop_at = 0
+    passes.clear()
+    versions = build.ensure_indexes(cfgs)
+    assert sum(passes) == n - embedded  # the rest only, through BERT once
+    for cfg, version in zip(cfgs, versions):
+        m = read_manifest(cfg.index.dir, version)
+        assert m["rows_from_parts"] == embedded and m["rows_embedded"] == n - embedded
+
+
+def test_towers_of_other_bodies_are_built_apart(tiny_cfg):
+    from dataclasses import replace
+
+    from realm_lm.index.build import build_indexes, ensure_indexes
+    from realm_lm.retrieval import minilm_mean_config
+
+    build_corpus(tiny_cfg)
+    cls = replace(tiny_cfg, embedder=replace(tiny_cfg.embedder, pooling="cls-proj"))  # pools BERT otherwise
+    cfgs = [cls, minilm_mean_config(tiny_cfg)]
+    with pytest.raises(ValueError, match="do not share"):
+        build_indexes(cfgs)
+    versions = ensure_indexes(cfgs)
+    assert all(read_manifest(c.index.dir, v)["rows_embedded"] == len(CorpusStore(c.corpus.store))
+               for c, v in zip(cfgs, versions))

@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,12 +44,11 @@ def length_batches(lengths: np.ndarray, max_tokens: int) -> Iterator[np.ndarray]
         start += rows
 
 
-def embed_batches(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_tokens: int,
-                  rows: np.ndarray, pooled: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def embed_batches(encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: np.ndarray,
+                  lengths: np.ndarray, max_tokens: int, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(positions in ``rows`` [B], their embeddings [B, D] float32), batch after batch of similar lengths, until
-    every one of ``rows`` (rows of ``tokens`` [N, L] with true lengths ``lengths`` [N]) is embedded once."""
-    embedder.eval()
-    encode = embedder.pool if pooled else embedder
+    every one of ``rows`` (rows of ``tokens`` [N, L] with true lengths ``lengths`` [N]) is embedded once by
+    ``encode`` (ids [B, W], mask [B, W] -> [B, D]: a tower in eval mode, its ``pool``, or :func:`shared_body`)."""
     for batch in length_batches(lengths[rows], max_tokens):
         batch = np.sort(batch)  # ascending rows read the memory-mapped matrix in order
         picked = rows[batch]
@@ -68,11 +67,28 @@ def embed_rows(embedder: Embedder, tokens: np.ndarray, lengths: np.ndarray, max_
     ascending, when given: [len(rows), D]); with ``pooled``, the tower's pooled outputs before its projection."""
     rows = np.arange(len(lengths)) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), embedder.hidden if pooled else embedder.dim), dtype=np.float32)
+    embedder.eval()
+    encode = embedder.pool if pooled else embedder
     with tqdm(total=len(rows), desc=desc, unit="block", disable=not progress, smoothing=0.05) as bar:
-        for batch, embedded in embed_batches(embedder, tokens, lengths, max_tokens, rows, pooled):
+        for batch, embedded in embed_batches(encode, tokens, lengths, max_tokens, rows):
             out[batch] = embedded
             bar.update(len(batch))
     return out
+
+
+def shared_body(towers: Sequence[Embedder]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """ids, mask -> every tower's output side by side [B, sum of D], BERT run once: for towers that differ only in
+    their heads (:func:`body_key`), such as the demo's REALM tower as initialised and the MiniLM baseline."""
+    for tower in towers:
+        tower.eval()
+    if len(towers) == 1:
+        return towers[0]
+    return lambda ids, mask: torch.cat([t.head(pooled) for pooled in [towers[0].pool(ids, mask)] for t in towers], -1)
+
+
+def body_key(tower: Embedder) -> tuple[str, str]:
+    """What a tower's pooled outputs depend on: its BERT's weights and how it pools them."""
+    return weights_hash(tower.bert), tower.body_pooling
 
 
 def embedding_key(corpus_hash: str, doc_weights_hash: str, cfg: RunConfig) -> str:
@@ -232,14 +248,16 @@ def save_unfinished_part(index_dir: str | Path, embeddings: np.ndarray, digests:
         print(f"warning: could not save the blocks embedded so far in {final.parent}: {err}", file=sys.stderr)
 
 
-def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndarray, digests: np.ndarray,
-                       max_tokens: int, tower: tuple, save_to: str | Path | None, progress: bool,
-                       save_at_end: bool = False) -> np.ndarray:
-    """Embeddings [len(rows), D] of the blocks ``rows`` (ascending). With ``save_to`` (the index folder), what is
-    embedded is saved there as a part of an unfinished build every SAVE_UNFINISHED_EVERY_S seconds and when the
-    build stops on an error or Ctrl-C (and at the end with ``save_at_end``): the next build takes those blocks
-    instead of embedding them again."""
-    out = np.empty((len(rows), doc_embedder.dim), dtype=np.float32)
+def embed_saving_parts(towers: Sequence[Embedder], store: CorpusStore, rows: np.ndarray, digests: np.ndarray,
+                       max_tokens: int, made_by: Sequence[tuple], save_to: Sequence[str | Path] | None,
+                       progress: bool, save_at_end: bool = False) -> list[np.ndarray]:
+    """Each tower's embeddings [len(rows), D] of the blocks ``rows`` (ascending); towers that share a body
+    (:func:`body_key`) run BERT once. With ``save_to`` (each tower's index folder; ``made_by``: each one's weights
+    hash, pooling and projection width, as its parts record them), what is embedded is saved there as a part of an unfinished build every SAVE_UNFINISHED_EVERY_S
+    seconds and when the build stops on an error or Ctrl-C (and at the end with ``save_at_end``): the next build
+    takes those blocks instead of embedding them again."""
+    widths = np.cumsum([0, *(t.dim for t in towers)])  # tower i's columns of the side-by-side output
+    out = np.empty((len(rows), widths[-1]), dtype=np.float32)
     unsaved: list[np.ndarray] = []  # positions in rows embedded since the last part
     last_save = time.monotonic()
 
@@ -247,14 +265,15 @@ def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndar
         nonlocal last_save
         if save_to is not None and unsaved:
             done = np.sort(np.concatenate(unsaved))
-            save_unfinished_part(save_to, out[done], digests[rows[done]], tower)
+            for i, (folder, tower) in enumerate(zip(save_to, made_by)):
+                save_unfinished_part(folder, out[done, widths[i]:widths[i + 1]], digests[rows[done]], tower)
         unsaved.clear()
         last_save = time.monotonic()
 
     try:
         with tqdm(total=len(rows), desc="embedding blocks", unit="block", disable=not progress,
                   smoothing=0.05) as bar:
-            for batch, embedded in embed_batches(doc_embedder, store.tokens, store.lengths, max_tokens, rows):
+            for batch, embedded in embed_batches(shared_body(towers), store.tokens, store.lengths, max_tokens, rows):
                 out[batch] = embedded
                 unsaved.append(batch)
                 bar.update(len(batch))
@@ -265,11 +284,12 @@ def embed_saving_parts(doc_embedder: Embedder, store: CorpusStore, rows: np.ndar
     except BaseException:
         save()
         # the blocks of this build and of the stopped ones it went on from
-        if progress and save_to is not None and (kept := rows_in_parts(save_to, tower)):
-            print(f"the {kept} blocks embedded so far are kept in {Path(save_to) / UNFINISHED}: the next build of "
-                  f"this index goes on from them", file=sys.stderr)
+        if progress and save_to is not None and (kept := rows_in_parts(save_to[0], made_by[0])):
+            print(f"the {kept} blocks embedded so far are kept in {Path(save_to[0]) / UNFINISHED}"
+                  f"{' (and beside it, for the other towers)' if len(towers) > 1 else ''}: the next build goes on "
+                  f"from them", file=sys.stderr)
         raise
-    return out
+    return [out[:, widths[i]:widths[i + 1]] for i in range(len(towers))]
 
 
 def index_is_current(index_dir: str | Path, key: str) -> bool:
@@ -286,11 +306,35 @@ def ensure_index(cfg: RunConfig, store: CorpusStore | None = None, doc_embedder:
     tower's :func:`tower_key`, where the caller has hashed it already."""
     store = store or CorpusStore(cfg.corpus.store)
     doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
-    if index_is_current(cfg.index.dir, key or tower_key(cfg, doc_embedder, store)):
-        built = read_manifest(cfg.index.dir)["config"]["index"]
-        if (built["backend"], built["dtype"]) == (cfg.index.backend, cfg.index.dtype):
-            return None
+    if _is_current(cfg, key or tower_key(cfg, doc_embedder, store)):
+        return None
     return build_index(cfg, doc_embedder=doc_embedder, store=store)
+
+
+def ensure_indexes(cfgs: Sequence[RunConfig], store: CorpusStore | None = None) -> list[str | None]:
+    """:func:`ensure_index` for several configs' default towers over one store, those that share a body
+    (:func:`body_key`: the demo's REALM tower as initialised and the MiniLM baseline) built in one pass of BERT."""
+    store = store or CorpusStore(cfgs[0].corpus.store)
+    towers = [build_retriever(c.embedder).doc.to(resolve_device(c.runtime)) for c in cfgs]
+    to_build: dict[tuple, list[int]] = {}  # what one pass can embed: body, device, precision, batch size
+    for i, (cfg, tower) in enumerate(zip(cfgs, towers)):
+        if not _is_current(cfg, tower_key(cfg, tower, store)):
+            group = (*body_key(tower), cfg.runtime.device, cfg.runtime.precision, cfg.index.embed_batch_tokens)
+            to_build.setdefault(group, []).append(i)
+    versions: list[str | None] = [None] * len(cfgs)
+    for members in to_build.values():
+        built = build_indexes([cfgs[i] for i in members], doc_embedders=[towers[i] for i in members], store=store)
+        for i, version in zip(members, built):
+            versions[i] = version
+    return versions
+
+
+def _is_current(cfg: RunConfig, key: str) -> bool:
+    """Whether ``cfg.index.dir``'s latest version holds ``key``'s embeddings in ``cfg.index``'s backend and dtype."""
+    if not index_is_current(cfg.index.dir, key):
+        return False
+    built = read_manifest(cfg.index.dir)["config"]["index"]
+    return (built["backend"], built["dtype"]) == (cfg.index.backend, cfg.index.dtype)
 
 
 def _reuse_what_is_embedded(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder,
@@ -311,8 +355,8 @@ def _embed_and_save(cfg: RunConfig, store: CorpusStore, doc_embedder: Embedder, 
     """Embed the blocks ``rows`` and save them as parts of ``cfg.index.dir``'s unfinished build."""
     if len(rows):
         with autocast(doc_embedder.device, cfg.runtime.precision):
-            embed_saving_parts(doc_embedder, store, rows, digests, cfg.index.embed_batch_tokens, tower,
-                               cfg.index.dir, progress, save_at_end=True)
+            embed_saving_parts([doc_embedder], store, rows, digests, cfg.index.embed_batch_tokens, [tower],
+                               [cfg.index.dir], progress, save_at_end=True)
 
 
 def build_index_on_ranks(cfg: RunConfig, progress: bool = True, doc_embedder: Embedder | None = None,
@@ -386,22 +430,48 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
     folder's unfinished parts hold (a build that was stopped, or torchrun's shares), are taken, not embedded.
     ``save_parts``: save the blocks embedded so far as the build goes, so that a build killed or interrupted is
     resumed (not for the refresher's builds: no later build shares their weights)."""
-    store = store or CorpusStore(cfg.corpus.store)
-    doc_embedder = doc_embedder or build_retriever(cfg.embedder).doc.to(resolve_device(cfg.runtime))
+    towers = None if doc_embedder is None else [doc_embedder]
+    return build_indexes([cfg], embedder_step, progress, towers, store, reuse_from, save_parts)[0]
+
+
+def build_indexes(cfgs: Sequence[RunConfig], embedder_step: int | None = None, progress: bool = True,
+                  doc_embedders: Sequence[Embedder] | None = None, store: CorpusStore | None = None,
+                  reuse_from: tuple[str | Path, ...] = (), save_parts: bool = True) -> list[str]:
+    """:func:`build_index` for several towers that share a body (:func:`body_key`) and differ in their heads, each
+    into its own ``cfg.index.dir``: BERT runs once over the blocks that any of them lacks (embedding runs on the
+    first config's runtime and batch size). The versions, in order."""
+    store = store or CorpusStore(cfgs[0].corpus.store)
+    towers = doc_embedders or [build_retriever(c.embedder).doc.to(resolve_device(c.runtime)) for c in cfgs]
+    if len({body_key(t) for t in towers}) > 1:
+        raise ValueError("build_indexes: the towers do not share their BERT weights and pooling")
     t0 = time.perf_counter()
-    digests, tower, embeddings, filled, taken = _reuse_what_is_embedded(cfg, store, doc_embedder, reuse_from)
+    found = [_reuse_what_is_embedded(c, store, t, reuse_from) for c, t in zip(cfgs, towers)]
+    digests = found[0][0]
+    for cfg, (*_, taken) in zip(cfgs, found):
+        if progress and (from_parts := sum(n for path, n in taken.items() if _is_part(path))):
+            print(f"{from_parts} of {len(store)} blocks were embedded before, by a build that stopped or by "
+                  f"torchrun's ranks ({Path(cfg.index.dir) / UNFINISHED})", file=sys.stderr)
+    missing = np.flatnonzero(~np.logical_and.reduce([filled for *_, filled, _ in found]))  # lacked by any tower
+    if len(missing):
+        cfg = cfgs[0]
+        with autocast(towers[0].device, cfg.runtime.precision):
+            embedded = embed_saving_parts(towers, store, missing, digests, cfg.index.embed_batch_tokens,
+                                          [tower for _, tower, *_ in found],
+                                          [c.index.dir for c in cfgs] if save_parts else None, progress)
+        for (_, _, embeddings, filled, _), new in zip(found, embedded):
+            lacked = ~filled[missing]  # rows a kept version or part did not give this tower
+            embeddings[missing[lacked]] = new[lacked]
+    embed_s = time.perf_counter() - t0
+    return [_publish(cfg, store, embeddings, digests, tower, taken, int((~filled).sum()), embed_s, embedder_step)
+            for cfg, (_, tower, embeddings, filled, taken) in zip(cfgs, found)]
+
+
+def _publish(cfg: RunConfig, store: CorpusStore, embeddings: np.ndarray, digests: np.ndarray, tower: tuple,
+             taken: dict[str, int], rows_embedded: int, embed_s: float, embedder_step: int | None) -> str:
+    """Search index over ``embeddings`` [N, D] published as a new version of ``cfg.index.dir``, with its manifest
+    (``taken``: rows each kept version or unfinished part gave)."""
     doc_hash = tower[0]
     from_parts = sum(n for path, n in taken.items() if _is_part(path))
-    if from_parts and progress:
-        print(f"{from_parts} of {len(store)} blocks were embedded before, by a build that stopped or by torchrun's "
-              f"ranks ({Path(cfg.index.dir) / UNFINISHED})", file=sys.stderr)
-    missing = np.flatnonzero(~filled)
-    if len(missing):
-        with autocast(doc_embedder.device, cfg.runtime.precision):
-            embeddings[missing] = embed_saving_parts(doc_embedder, store, missing, digests,
-                                                     cfg.index.embed_batch_tokens, tower,
-                                                     cfg.index.dir if save_parts else None, progress)
-    embed_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     index = make_index(cfg.index)
     index.build(embeddings)
@@ -416,8 +486,8 @@ def build_index(cfg: RunConfig, embedder_step: int | None = None, progress: bool
         "embedder_weights_sha256": doc_hash,
         "embedder_step": embedder_step,
         "embedding_key": embedding_key(store.corpus_hash, doc_hash, cfg),
-        "embeddings_reused": len(missing) == 0,  # every row taken from an earlier version, none embedded
-        "rows_embedded": int(len(missing)),
+        "embeddings_reused": rows_embedded == 0,  # every row taken from an earlier version, none embedded
+        "rows_embedded": rows_embedded,
         "rows_from_parts": from_parts,  # from INDEX/unfinished/: a build that stopped, or torchrun's ranks' shares
         "reused_from": [path for path in taken if not _is_part(path)],  # versions that gave theirs
         "embed_seconds": round(embed_s, 3),

@@ -80,11 +80,19 @@ class Embedder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(h.dtype)  # [B, L, 1]
         return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [B, H]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.pool(input_ids, attention_mask)  # [B, H]
+    @property
+    def body_pooling(self) -> str:
+        """How :meth:`pool` reads BERT's output: towers with the same BERT weights and this pool alike."""
+        return "cls" if self.pooling == "cls-proj" else "mean"
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The tower's output [B, D] from its pooled output [B, H]."""
         if self.projected:
             return self.norm(self.proj(pooled)).float()  # [B, D]; fp32 under bf16 autocast too: scores need it
         return nn.functional.normalize(pooled.float(), dim=-1)  # all-MiniLM-L6-v2 is trained on normalised means
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(input_ids, attention_mask))  # [B, D]
 
     @torch.no_grad()
     def fit_projection(self, pooled: torch.Tensor) -> None:
