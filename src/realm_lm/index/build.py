@@ -83,7 +83,12 @@ def shared_body(towers: Sequence[Embedder]) -> Callable[[torch.Tensor, torch.Ten
         tower.eval()
     if len(towers) == 1:
         return towers[0]
-    return lambda ids, mask: torch.cat([t.head(pooled) for pooled in [towers[0].pool(ids, mask)] for t in towers], -1)
+
+    def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = towers[0].pool(ids, mask)  # [B, H], the same for every tower
+        return torch.cat([tower.head(pooled) for tower in towers], dim=-1)  # [B, sum of D]
+
+    return encode
 
 
 def body_key(tower: Embedder) -> tuple[str, str]:
@@ -253,9 +258,9 @@ def embed_saving_parts(towers: Sequence[Embedder], store: CorpusStore, rows: np.
                        progress: bool, save_at_end: bool = False) -> list[np.ndarray]:
     """Each tower's embeddings [len(rows), D] of the blocks ``rows`` (ascending); towers that share a body
     (:func:`body_key`) run BERT once. With ``save_to`` (each tower's index folder; ``made_by``: each one's weights
-    hash, pooling and projection width, as its parts record them), what is embedded is saved there as a part of an unfinished build every SAVE_UNFINISHED_EVERY_S
-    seconds and when the build stops on an error or Ctrl-C (and at the end with ``save_at_end``): the next build
-    takes those blocks instead of embedding them again."""
+    hash, pooling and projection width, as its parts record them), what is embedded is saved there as a part of an
+    unfinished build every SAVE_UNFINISHED_EVERY_S seconds and when the build stops on an error or Ctrl-C (and at
+    the end with ``save_at_end``): the next build takes those blocks instead of embedding them again."""
     widths = np.cumsum([0, *(t.dim for t in towers)])  # tower i's columns of the side-by-side output
     out = np.empty((len(rows), widths[-1]), dtype=np.float32)
     unsaved: list[np.ndarray] = []  # positions in rows embedded since the last part
@@ -442,7 +447,7 @@ def build_indexes(cfgs: Sequence[RunConfig], embedder_step: int | None = None, p
     first config's runtime and batch size). The versions, in order."""
     store = store or CorpusStore(cfgs[0].corpus.store)
     towers = doc_embedders or [build_retriever(c.embedder).doc.to(resolve_device(c.runtime)) for c in cfgs]
-    if len({body_key(t) for t in towers}) > 1:
+    if len(towers) > 1 and len({body_key(t) for t in towers}) > 1:  # (one tower: no BERT to hash)
         raise ValueError("build_indexes: the towers do not share their BERT weights and pooling")
     t0 = time.perf_counter()
     found = [_reuse_what_is_embedded(c, store, t, reuse_from) for c, t in zip(cfgs, towers)]
