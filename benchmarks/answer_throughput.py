@@ -1,7 +1,7 @@
 """Open-QA answering throughput: ours vs Hugging Face's RealmForOpenQA (bench_hf_realm.py --parts d), one run.
 
     .venv/bin/python benchmarks/answer_throughput.py [--questions 160] [--ref-questions 80] [--hf-python PATH]
-                                                      [--skip-real]
+                                                      [--skip-real] [--name NAME]
 
 1. The reference's work (part d): hidden 256, 4 layers, 4 heads, FFN 1024, vocab 30522, random weights; an index of
    8,192 random 288-token blocks; questions of 32 wordpieces; k = 8 blocks read; reader inputs of 320 wordpieces;
@@ -15,7 +15,7 @@
    length), dev questions, batch 32 and batch 1. Weights do not change the cost, so the reader is MiniLM as loaded.
 All of the above in fp32, the reference's precision; on a CPU that multiplies bf16 in silicon (AMX or AVX512-BF16),
 batch 32 of 1. and both of 2. also under bf16 autocast (what runtime.precision = "auto" runs there), reported apart.
-Writes benchmarks/results/answer_throughput.json.
+Writes benchmarks/results/NAME.json (--name, default answer_throughput).
 """
 
 import argparse
@@ -172,6 +172,7 @@ def main() -> None:
                         help="timed questions of the reference (batch 1); with 20, its speed moved by 15 %% run to run")
     parser.add_argument("--hf-python", default=str(HF_PYTHON))
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--name", default="answer_throughput", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     if not args.skip_real:  # before minutes of timing: the default preset's index, built or made its tower's again
         ensure_index(load_config("configs/open_squad.toml"))  # (a run with other embedder.* publishes its own there)
@@ -240,7 +241,7 @@ def main() -> None:
                         for b, run in m.items() if isinstance(run, dict) for k, v in run.items()}
             figures[f"real{'' if p == 'fp32' else '_' + p}.compile_s"] = m.get("compile_s")
         figures["real.block_tokens_median"] = fp32["block_tokens_median"]
-    print(f"\nwrote {write_results('answer_throughput', figures)}")
+    print(f"\nwrote {write_results(args.name, figures)}")
 
 
 if __name__ == "__main__":
