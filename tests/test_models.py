@@ -121,6 +121,42 @@ def test_cheap_cpu_dropout_rate_scale_and_reproducibility():
     assert torch.equal(drop.eval()(x), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_dropout_attention_matches_autograd_with_the_same_mask(monkeypatch, dtype):
+    from realm_lm.models import cpu_dropout
+
+    masks = []
+    draw = cpu_dropout.dropped_mask
+
+    def recorded(shape, p, device):
+        drop, scale = draw(shape, p, device)
+        masks.append(drop)
+        return drop, scale
+
+    monkeypatch.setattr(cpu_dropout, "dropped_mask", recorded)
+    monkeypatch.setattr(cpu_dropout.DropoutAttention, "CHUNK_BYTES", 2 * 3 * 9 * 9 * 4)  # chunks of 2: 2, 2, 1
+    torch.manual_seed(0)
+    B, h, L, d = 5, 3, 9, 4
+    q, k, v = (torch.randn(B, h, L, d).to(dtype).requires_grad_() for _ in range(3))
+    bias = torch.zeros(B, 1, 1, L)
+    bias[1, ..., 6:] = bias[4, ..., 2:] = torch.finfo(torch.float32).min  # padding, as BERT's extended mask
+    d_out = torch.randn(B, h, L, d).to(dtype)
+    out = cpu_dropout.DropoutAttention.apply(q, k, v, bias, 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), d_out)
+    assert [m.shape[0] for m in masks] == [2, 2, 1]
+    dropped = torch.cat(masks)  # [B, h, L, L]
+    assert 0.2 < float(dropped.float().mean()) < 0.4
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    probs = (q64 @ k64.transpose(-1, -2) / d ** 0.5 + bias.double()).softmax(-1)
+    expected = probs.masked_fill(dropped, 0.0) @ v64 * (32768 / (32768 - round(0.3 * 32768)))
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), d_out.double())
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.08, "rtol": 0.05}
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, **tol)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
 def test_cheap_attention_dropout_matches_sdpa_when_nothing_is_dropped(monkeypatch):
     from realm_lm.models import cpu_dropout
 
