@@ -41,7 +41,7 @@ class CpuDropout(nn.Dropout):
         if not use_cheap_dropout(x, self.p, self.training):
             return super().forward(x)
         drop, scale = dropped_mask(x.shape, self.p, x.device)
-        return x.masked_fill(drop, 0.0).mul_(scale)
+        return (x * _kept(drop).to(x.dtype)).mul_(scale)  # 0/1 exact in bf16 too; the scale stays unrounded
 
 
 class DropoutAttention(torch.autograd.Function):
