@@ -36,7 +36,7 @@ def configure_dropout(module: nn.Module, attention_p: float) -> None:
     that is cheap to draw when training on a CPU, with attention written out to suit it (models/cpu_dropout.py).
 
     With attention_p = 0, torch's scaled-dot-product attention takes its fused (flash) kernel on CPUs as well: a CPU
-    pre-training step runs ~7 % faster still (benchmarks/pretrain_throughput.py). GPUs fuse dropout either way.
+    pre-training step runs ~10 % faster still (benchmarks/pretrain_throughput.py). GPUs fuse dropout either way.
     """
     for m in module.modules():
         if isinstance(m, BertModel):
