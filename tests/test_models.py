@@ -5,7 +5,7 @@ from tokenizers import Tokenizer
 from realm_lm.config import EmbedderConfig
 from realm_lm.models.embedder import build_retriever, configure_dropout, weights_hash
 from realm_lm.models.pretrained import ModelNotFoundError, load_tokenizer, resolve_model_dir
-from realm_lm.retrieval import encode_queries
+from realm_lm.retrieval import embed_questions, encode_queries
 
 from conftest import FIXTURES
 
@@ -26,6 +26,18 @@ def test_padding_does_not_change_an_embedding():
     alone = r.doc(*encode_queries(["the river"], model_dir, 24))
     padded = r.doc(*encode_queries(["the river", "a much longer text about the king of the city"], model_dir, 24))[:1]
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_questions_batches_by_length_and_returns_the_given_order():
+    r = build_retriever(EmbedderConfig(model=TINY, proj_dim=16))
+    model_dir = resolve_model_dir(TINY)
+    questions = ["who built the tower of the city by the river", "the king", "a river", "when was the city built",
+                 "the king of the river and the tower"]
+    batched = embed_questions(r.query, questions, model_dir, 24, batch=2)  # [5, 16], batches cross the given order
+    r.eval()
+    with torch.inference_mode():
+        alone = torch.cat([r.query(*encode_queries([q], model_dir, 24)) for q in questions])  # [5, 16]
+    torch.testing.assert_close(torch.from_numpy(batched), alone, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_dropout_zero_makes_training_mode_deterministic_in_attention():
