@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -188,3 +189,57 @@ def test_cheap_attention_dropout_matches_sdpa_when_nothing_is_dropped(monkeypatc
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert r.query.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_length_groups_cover_every_row_once_and_are_the_cheapest_cut():
+    from itertools import combinations
+
+    from realm_lm.models.by_length import LENGTH_STEP, length_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = rng.integers(1, 80, size=int(rng.integers(1, 9)))
+        groups = length_groups(lengths, overhead=20, min_rows=2)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+        assert all(len(g) >= min(2, len(lengths)) for g in groups)
+        keys = sorted(set((-(-lengths // LENGTH_STEP)).tolist()))
+
+        def cost(cut_keys):  # groups of keys split before each of cut_keys
+            bounds, total = [0, *cut_keys, len(keys)], 0
+            for a, b in zip(bounds, bounds[1:]):
+                rows = int(np.isin(-(-lengths // LENGTH_STEP), keys[a:b]).sum())
+                if rows < min(2, len(lengths)):
+                    return np.inf
+                total += rows * keys[b - 1] * LENGTH_STEP + 20
+            return total
+
+        brute = min(cost(c) for n in range(len(keys)) for c in combinations(range(1, len(keys)), n))
+        found = sum(len(g) * -(-int(lengths[g].max()) // LENGTH_STEP) * LENGTH_STEP + 20 for g in groups)
+        assert found == brute
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_encode_by_length_matches_one_padded_call(training):
+    from realm_lm.models.by_length import encode_by_length, length_groups
+    from realm_lm.train.data import pad_rows
+
+    bert = build_retriever(EmbedderConfig(model=TINY, proj_dim=16)).doc.bert
+    for m in bert.modules():  # the same computation both ways: no dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    configure_dropout(bert, 0.0)
+    bert.train(training)
+    rng = np.random.default_rng(1)
+    lengths = [5, 60, 7, 58, 6, 61, 30, 8]
+    ids, mask = pad_rows([rng.integers(5, 100, size=n) for n in lengths], 0)  # [8, 61]
+    types = (torch.arange(ids.shape[1]) >= 3).long().expand_as(ids) * mask  # [8, 61]
+    assert len(length_groups(lengths)) > 1  # the grouped path is what runs
+    grouped = encode_by_length(bert, ids, mask, types)  # [8, 61, H]
+    padded = bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(grouped[real], padded[real], atol=1e-5, rtol=1e-5)
+    if training:  # gradients reach the weights through every group as through one call
+        weight = bert.encoder.layer[0].attention.self.query.weight
+        g1, = torch.autograd.grad((grouped[real] ** 2).sum(), weight)
+        g2, = torch.autograd.grad((padded[real] ** 2).sum(), weight)
+        torch.testing.assert_close(g1, g2, atol=1e-4, rtol=1e-4)

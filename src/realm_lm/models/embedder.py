@@ -17,6 +17,7 @@ from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
 from realm_lm.config import POOLINGS, EmbedderConfig
+from realm_lm.models.by_length import encode_by_length
 from realm_lm.models.cpu_dropout import install_cpu_dropout
 from realm_lm.models.pretrained import resolve_model_dir
 
@@ -72,8 +73,7 @@ class Embedder(nn.Module):
         """BERT's pooled output before the projection: [B, H] (``[CLS]``, or the mean over real tokens)."""
         # input_ids, attention_mask: [B, L], moved to the tower's device here (batches are built on the CPU)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                      token_type_ids=torch.zeros_like(input_ids)).last_hidden_state  # [B, L, H]
+        h = encode_by_length(self.bert, input_ids, attention_mask, torch.zeros_like(input_ids))  # [B, L, H]
         if self.pooling == "cls-proj":
             return h[:, 0]  # [B, H]
         h = h.float()

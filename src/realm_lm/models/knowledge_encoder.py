@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from transformers import BertModel
 
+from realm_lm.models.by_length import encode_by_length
+
 
 class MlmHead(nn.Module):
     """BERT's prediction head: transform (dense, GELU, LayerNorm; newly initialised) + decoder tied to the word embeddings."""
@@ -41,7 +43,6 @@ class KnowledgeEncoder(nn.Module):
         device = self.bert.embeddings.word_embeddings.weight.device
         input_ids, attention_mask, token_type_ids, mask_positions = (
             t.to(device) for t in (input_ids, attention_mask, token_type_ids, mask_positions))
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                      token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
+        h = encode_by_length(self.bert, input_ids, attention_mask, token_type_ids)  # [N, L, H]
         at_masks = h.gather(1, mask_positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [N, M, H]
         return self.head(at_masks).log_softmax(-1)  # [N, M, V]

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import BertModel
 
+from realm_lm.models.by_length import encode_by_length
+
 
 # spans scored per chunk: 4k x 256 floats = 4 MB stay in a CPU's cache through the memory-bound passes; 16k (16 MB)
 # made the span part 1.5-2.5x slower on a 2-core AMD EPYC (8 blocks of 320 wordpieces: 22,800 spans)
@@ -57,8 +59,7 @@ class Reader(nn.Module):
         device = self.device
         input_ids, attention_mask, token_type_ids, start_ok, end_ok = (
             t.to(device) for t in (input_ids, attention_mask, token_type_ids, start_ok, end_ok))
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                      token_type_ids=token_type_ids).last_hidden_state  # [N, L, H]
+        h = encode_by_length(self.bert, input_ids, attention_mask, token_type_ids)  # [N, L, H]
         starts, ends = enumerate_spans(h.shape[1], self.max_width, device)  # [S], [S]
         allowed = start_ok[:, starts] & end_ok[:, ends]  # [N, S]
         # score only the allowed spans (question, padding and split words are a large share of N x S), in chunks
