@@ -82,3 +82,14 @@ def test_ict_resume_after_a_lost_checkpoint_redoes_the_steps_once(tiny_cfg):
     assert [m["loss"] for m in lines] == pytest.approx(full, abs=1e-5)
     IctRecipe(tiny_cfg).setup()  # a fresh run starts a fresh log
     assert not log.exists()
+
+
+def test_true_block_ranks_count_ties_against_the_true_block_and_never_the_block_itself():
+    from realm_lm.train.ict import true_block_ranks
+
+    torch.manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(64, 128), dim=-1)  # [64, 128]
+    assert true_block_ranks(d.clone(), d).tolist() == [0] * 64  # q = d: each block is its own query's best
+    d[1] = d[0]  # two identical blocks (a title and nothing else, twice)
+    ranks = true_block_ranks(d.clone(), d)
+    assert ranks[:2].tolist() == [1, 1] and ranks[2:].eq(0).all()
