@@ -22,7 +22,7 @@ import realm_lm.models.reader as reader_module
 from realm_lm.config import load_config
 from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore
-from realm_lm.models.by_length import encode_by_length, length_groups
+from realm_lm.models.by_length import MIN_GROUP_ROWS, encode_by_length, length_groups
 from realm_lm.models.embedder import configure_dropout, load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
@@ -39,7 +39,7 @@ def padded_tokens(batches, grouped: bool) -> int:
     total = 0
     for b in batches:
         lengths = b.attention_mask.sum(1).numpy()
-        if not grouped or len(lengths) < 4:
+        if not grouped or len(lengths) < 2 * MIN_GROUP_ROWS:  # encode_by_length makes one call there
             total += b.attention_mask.numel()
             continue
         total += sum(len(g) * int(lengths[g].max()) for g in length_groups(lengths))
