@@ -3,10 +3,9 @@
     .venv/bin/python benchmarks/length_grouping.py [--questions 96] [--repeats 2] [--name NAME]
 
 The real corpus and dev questions of configs/open_squad.toml, each question's BM25 blocks (so no trained run is
-needed; the cost does not depend on the weights), the MiniLM reader as loaded, fp32, 2 threads:
-1. a fine-tuning step's reader: 8 questions x 2 blocks (configs/demo_finetune.toml's `reader_blocks = 2`), forward
-   and backward with the paper's attention dropout (0.1, through models/cpu_dropout.py as `realm finetune` runs it);
-2. answering's reader: each question's 5 blocks, `reader.batch_questions` = 1 and 8 questions per forward.
+needed; the cost does not depend on the weights), the MiniLM reader as loaded, in eval mode, fp32, 2 threads:
+answering's reader, each question's 5 blocks, `reader.batch_questions` = 1 and 8 questions per forward. (Training is
+not grouped: see models/by_length.py. Session 54's run of this benchmark also timed a grouped fine-tuning step.)
 Each is timed grouped and as one padded call (the same Reader, `encode_by_length` swapped for one BERT call),
 alternating, ``--repeats`` times; medians. The padding each way is counted too. Writes
 benchmarks/results/NAME.json (--name, default length_grouping).
@@ -23,7 +22,7 @@ from realm_lm.config import load_config
 from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.models.by_length import MIN_GROUP_ROWS, encode_by_length, length_groups
-from realm_lm.models.embedder import configure_dropout, load_bert
+from realm_lm.models.embedder import load_bert
 from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
 from realm_lm.report import markdown_table, write_results
@@ -46,12 +45,10 @@ def padded_tokens(batches, grouped: bool) -> int:
     return total
 
 
-def time_pass(reader: Reader, batches, train: bool) -> float:
+def time_pass(reader: Reader, batches) -> float:
     t0 = time.perf_counter()
     for b in batches:
-        spans = reader(b.input_ids, b.attention_mask, b.token_type_ids, b.start_ok, b.end_ok)
-        if train:  # a loss that reaches every allowed span: the backward pass a fine-tuning step runs
-            spans.logits[spans.allowed].logsumexp(0).backward()
+        reader(b.input_ids, b.attention_mask, b.token_type_ids, b.start_ok, b.end_ok)
     return time.perf_counter() - t0
 
 
@@ -77,31 +74,28 @@ def main() -> None:
 
     torch.manual_seed(0)
     reader = Reader(load_bert(model_dir), cfg.reader.span_hidden, cfg.reader.max_span_len)
-    configure_dropout(reader, 0.1)
-    work = {"finetune_8x2": (batches(8, 2), True), "answer_read1": (batches(1, 5), False),
-            "answer_read8": (batches(8, 5), False)}
+    reader.eval()
+    work = {"answer_read1": batches(1, 5), "answer_read8": batches(8, 5)}
     times = {f"{w}.{mode}": [] for w in work for mode in ("grouped", "one_call")}
     for _ in range(args.repeats):
-        for w, (bs, train) in work.items():
-            reader.train(train)
-            with torch.set_grad_enabled(train):
+        for w, bs in work.items():
+            with torch.no_grad():
                 for mode, encode in (("one_call", one_call), ("grouped", encode_by_length)):
                     reader_module.encode_by_length = encode
-                    times[f"{w}.{mode}"].append(time_pass(reader, bs, train))
+                    times[f"{w}.{mode}"].append(time_pass(reader, bs))
                     print(f"{w} {mode}: {times[f'{w}.{mode}'][-1]:.1f} s", flush=True)
     reader_module.encode_by_length = encode_by_length
 
     figures, table = {"questions": len(questions)}, []
-    for w, (bs, train) in work.items():
+    for w, bs in work.items():
         real = sum(int(b.attention_mask.sum()) for b in bs)
         per = {mode: float(np.median(times[f"{w}.{mode}"])) for mode in ("one_call", "grouped")}
         pad = {mode: padded_tokens(bs, mode == "grouped") / real for mode in ("one_call", "grouped")}
-        unit = len(bs) if train else len(questions)  # steps, or questions
         figures |= {f"{w}.{mode}.median_s": round(per[mode], 3) for mode in per}
         figures |= {f"{w}.{mode}.padded_over_real": round(pad[mode], 3) for mode in pad}
         figures[f"{w}.speedup"] = round(per["one_call"] / per["grouped"], 3)
-        rate = (lambda s: f"{s / unit:.2f} s/step") if train else (lambda s: f"{unit / s:.2f} questions/s")
-        table.append([w, rate(per["one_call"]), f"{pad['one_call']:.2f}", rate(per["grouped"]),
+        table.append([w, f"{len(questions) / per['one_call']:.2f} questions/s", f"{pad['one_call']:.2f}",
+                      f"{len(questions) / per['grouped']:.2f} questions/s",
                       f"{pad['grouped']:.2f}", f"{per['one_call'] / per['grouped']:.2f}"])
     print(markdown_table(["reader work", "one padded call", "padded / real tokens", "grouped by length",
                           "padded / real tokens", "speed-up"], table))

@@ -4,6 +4,11 @@ The reader and the knowledge-augmented encoder read ``[query ; block]`` rows who
 288 wordpieces; padded to the longest, a batch of the real corpus is 1.4-1.9x its real tokens. On a CPU the cost
 is the tokens, padding included, so groups of rows of similar length each run at their own width. On a GPU a
 call's fixed cost is worth thousands of tokens and is not measured here: one call, as before.
+
+Only a BERT in eval mode (answering, evaluation, index building) is grouped. Training keeps one padded call: in a
+same-start check of the demo's QA fine-tuning (session 55, in benchmarks/README.md), grouped training learned
+more slowly at every seed tried, in training loss and in dev EM, although each step's gradient was measured to
+be the same in distribution; until that is understood, training pays for its padding.
 """
 
 from __future__ import annotations
@@ -49,14 +54,14 @@ def length_groups(lengths: Sequence[int], overhead: int = GROUP_OVERHEAD_TOKENS,
 
 def encode_by_length(bert: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      token_type_ids: torch.Tensor) -> torch.Tensor:
-    """BERT's last hidden states [N, L, H] of right-padded rows [N, L]. On a CPU, groups of rows of similar length
-    run at their own width; positions past a group's width are zeros (padding: no caller reads them)."""
+    """BERT's last hidden states [N, L, H] of right-padded rows [N, L]. On a CPU and in eval mode, groups of rows of
+    similar length run at their own width; positions past a group's width are zeros (padding: no caller reads them)."""
     def run(rows: torch.Tensor | slice, width: int) -> torch.Tensor:
         return bert(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width],
                     token_type_ids=token_type_ids[rows, :width]).last_hidden_state  # [n, width, H]
 
     length = input_ids.shape[1]
-    if input_ids.device.type != "cpu" or len(input_ids) < 2 * MIN_GROUP_ROWS:
+    if bert.training or input_ids.device.type != "cpu" or len(input_ids) < 2 * MIN_GROUP_ROWS:
         return run(slice(None), length)
     lengths = attention_mask.sum(1)  # [N]
     groups = length_groups(lengths.tolist())
