@@ -1,14 +1,15 @@
 """Rows of similar length run together (models/by_length.py) against one call padded to the longest, one run.
 
-    .venv/bin/python benchmarks/length_grouping.py [--questions 96] [--repeats 2] [--name NAME]
+    .venv/bin/python benchmarks/length_grouping.py [--questions 96] [--repeats 2] [--precision fp32|bf16|auto]
+        [--name NAME]
 
 The real corpus and dev questions of configs/open_squad.toml, each question's BM25 blocks (so no trained run is
-needed; the cost does not depend on the weights), the MiniLM reader as loaded, in eval mode, fp32, 2 threads:
-answering's reader, each question's 5 blocks, `reader.batch_questions` = 1 and 8 questions per forward. (Training is
-not grouped: see models/by_length.py. Session 54's run of this benchmark also timed a grouped fine-tuning step.)
-Each is timed grouped and as one padded call (the same Reader, `encode_by_length` swapped for one BERT call),
-alternating, ``--repeats`` times; medians. The padding each way is counted too. Writes
-benchmarks/results/NAME.json (--name, default length_grouping).
+needed; the cost does not depend on the weights), the MiniLM reader as loaded, in eval mode, fp32 (or bf16
+autocast: --precision), 2 threads: answering's reader, each question's 5 blocks, `reader.batch_questions` = 1 and
+8 questions per forward. (Training is not grouped: see models/by_length.py. Session 54's run of this benchmark also
+timed a grouped fine-tuning step.) Each is timed grouped and as one padded call (the same Reader,
+`encode_by_length` swapped for one BERT call), alternating, ``--repeats`` times; medians. The padding each way is
+counted too. Writes benchmarks/results/NAME.json (--name, default length_grouping).
 """
 
 import argparse
@@ -27,6 +28,7 @@ from realm_lm.models.pretrained import SpecialIds, load_tokenizer, resolve_model
 from realm_lm.models.reader import Reader
 from realm_lm.report import markdown_table, write_results
 from realm_lm.retrieval import Bm25Searcher
+from realm_lm.runtime import autocast, resolve_precision
 from realm_lm.train.data import question_ids, reader_batch
 
 
@@ -56,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="the reader's forward passes: fp32, bf16 autocast, or what runtime.precision=auto picks")
     parser.add_argument("--name", default="length_grouping", help="results file: benchmarks/results/NAME.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -79,14 +83,15 @@ def main() -> None:
     times = {f"{w}.{mode}": [] for w in work for mode in ("grouped", "one_call")}
     for _ in range(args.repeats):
         for w, bs in work.items():
-            with torch.no_grad():
+            with torch.no_grad(), autocast(torch.device("cpu"), args.precision):
                 for mode, encode in (("one_call", one_call), ("grouped", encode_by_length)):
                     reader_module.encode_by_length = encode
                     times[f"{w}.{mode}"].append(time_pass(reader, bs))
                     print(f"{w} {mode}: {times[f'{w}.{mode}'][-1]:.1f} s", flush=True)
     reader_module.encode_by_length = encode_by_length
 
-    figures, table = {"questions": len(questions)}, []
+    precision = resolve_precision(torch.device("cpu"), args.precision)
+    figures, table = {"questions": len(questions), "precision": precision}, []
     for w, bs in work.items():
         real = sum(int(b.attention_mask.sum()) for b in bs)
         per = {mode: float(np.median(times[f"{w}.{mode}"])) for mode in ("one_call", "grouped")}
@@ -97,7 +102,7 @@ def main() -> None:
         table.append([w, f"{len(questions) / per['one_call']:.2f} questions/s", f"{pad['one_call']:.2f}",
                       f"{len(questions) / per['grouped']:.2f} questions/s",
                       f"{pad['grouped']:.2f}", f"{per['one_call'] / per['grouped']:.2f}"])
-    print(markdown_table(["reader work", "one padded call", "padded / real tokens", "grouped by length",
+    print(markdown_table([f"reader work ({precision})", "one padded call", "padded / real tokens", "grouped by length",
                           "padded / real tokens", "speed-up"], table))
     print(f"\nwrote {write_results(args.name, figures)}")
 
