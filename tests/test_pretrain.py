@@ -147,9 +147,10 @@ def test_gradients_reach_both_towers_and_the_encoder(tmp_path):
 
 
 def test_top_k_1_trains_the_encoder_on_the_null_block_alone(tmp_path):
-    recipe = recipe_for(tmp_path, "pretrain.top_k=1", "refresh.mode=never")
+    recipe = recipe_for(tmp_path, "pretrain.top_k=1")  # refresh.mode as the preset has it: async
     recipe.setup()
     try:
+        assert recipe.refresher.index is None and recipe.refresher.stats.initial_build_s == 0  # no first index
         batch = recipe.make_batch(recipe.train_sentences[:2], np.random.default_rng(0))
         recipe.model.train()
         out = recipe.forward(batch)
@@ -159,6 +160,8 @@ def test_top_k_1_trains_the_encoder_on_the_null_block_alone(tmp_path):
         assert any(p.grad is not None and p.grad.any() for p in recipe.model.encoder.parameters())
         history = recipe.train()
         assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
+        assert recipe.refresher.stats.refreshes_started == 0 and recipe.refresher.builder is None  # nor refreshes
+        assert latest_version(recipe.refresher.cfg.index.dir) is None
     finally:
         recipe.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +117,13 @@ class PretrainRecipe:
             self.resume(ckpt)
         if distributed.is_main():
             truncate_metrics_log(self.run_dir, self.step)
-        self.refresher = IndexRefresher(cfg, self.run_dir, self.store)
-        # every rank, once the first index exists (resumed: the index the checkpoint used)
-        self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version,
-                             self.checkpoint_pending_refresh)
+        # top_k = 1 reads the null block alone (the no-retrieval control): no index to build, search or refresh
+        retrieves = p.top_k > 1
+        self.refresher = IndexRefresher(cfg if retrieves else replace(cfg, refresh=replace(cfg.refresh, mode="never")),
+                                        self.run_dir, self.store)
+        if retrieves:  # every rank, once the first index exists (resumed: the index the checkpoint used)
+            self.refresher.start(self.model.retriever.doc, self.step, self.checkpoint_index_version,
+                                 self.checkpoint_pending_refresh)
         if p.require_evidence:
             spans_before = np.diff(self.spans.start)[self.train_sentences]  # [training sentences]
             self.spans = keep_spans(self.spans, self.spans_with_evidence(resumed=self.step > 0))
@@ -191,6 +195,8 @@ class PretrainRecipe:
     def candidates(self, query_emb: torch.Tensor, sources: np.ndarray) -> list[list[int]]:
         """Top (k-1) rows of the stale index per query, the query's own block excluded (trivial retrieval)."""
         k = self.cfg.pretrain.top_k - 1
+        if k == 0:  # the null block alone: nothing to search
+            return [[] for _ in sources]
         _, found = self.refresher.index.search(query_emb.detach().float().cpu().numpy(), k + 1)
         return [[int(r) for r in row if r >= 0 and r != src][:k] for row, src in zip(found, sources)]
 
@@ -298,14 +304,17 @@ class PretrainRecipe:
 
     def save(self) -> Path:
         version, index_dir = self.refresher.version, self.refresher.cfg.index.dir
+        has_index = self.refresher.index is not None  # not at top_k = 1
         # the index this checkpoint trains on must outlive refresh.keep later refreshes, for --resume to go back to
         # it; the last checkpoint's too, until this one is written
-        pin(index_dir, [self.checkpoint_index_version, version])
+        if has_index:
+            pin(index_dir, [self.checkpoint_index_version, version])
         pending = self.refresher.pending_refresh()  # its snapshot is kept until the next checkpoint
         saved = save_checkpoint(self.run_dir, self.step, self.model, self.opt,
                                 {"config": config_to_dict(self.cfg), "index_version": version,
                                  "pending_refresh": pending, "kind": "pretrain"})
-        pin(index_dir, [version])
+        if has_index:
+            pin(index_dir, [version])
         self.refresher.retain(pending)
         self.checkpoint_index_version = version
         return saved
