@@ -161,6 +161,7 @@ def test_top_k_1_trains_the_encoder_on_the_null_block_alone(tmp_path):
         history = recipe.train()
         assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
         assert recipe.refresher.stats.refreshes_started == 0 and recipe.refresher.builder is None  # nor refreshes
+        assert all(h["staleness"] == 0 and h["index_version"] == "" for h in history)
         assert latest_version(recipe.refresher.cfg.index.dir) is None
     finally:
         recipe.close()

@@ -183,8 +183,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         return
     if history:
         last = history[-1]
-        print(f"step {last['step']}: loss {last['loss']:.3f}, index {last['index_version']} "
-              f"({last['refreshes']} versions used), trainer waited {last['index_wait_s']:.1f}s for the index")
+        index = (f"index {last['index_version']} ({last['refreshes']} versions used), trainer waited "
+                 f"{last['index_wait_s']:.1f}s for the index" if last["index_version"]
+                 else "no index (pretrain.top_k = 1: the null block alone)")
+        print(f"step {last['step']}: loss {last['loss']:.3f}, {index}")
     print(f"metrics: {Path(cfg.pretrain.run_dir) / 'metrics.jsonl'}; plot: {plot_run(cfg.pretrain.run_dir)}")
 
 

@@ -111,8 +111,9 @@ class IndexRefresher:
         self.retained = None if step is None else snapshot_name(step)
 
     def staleness(self, step: int) -> int:
-        """Training steps between the weights that embedded the index in use and the current weights."""
-        return step - int(self.manifest.get("embedder_step") or 0)
+        """Training steps between the weights that embedded the index in use and the current weights (0 without
+        an index: nothing is stale)."""
+        return step - int(self.manifest.get("embedder_step") or 0) if self.manifest else 0
 
     def start(self, doc: Embedder, step: int, checkpoint_version: str | None = None,
               pending_refresh: int | None = None) -> None:
