@@ -150,6 +150,8 @@ def pin(index_dir: str | Path, versions: list[str | None]) -> None:
     version its latest checkpoint was trained on, so that --resume can go back to it however many refreshes came
     after (refresh.keep counts the newest versions only)."""
     index_dir = Path(index_dir)
+    if not index_dir.is_dir():  # no index was ever built here (pretrain.top_k = 1): no version to spare
+        return
     with _folder_lock(index_dir):
         write_text_atomic(index_dir / "PINNED", "".join(f"{v}\n" for v in sorted({v for v in versions if v})))
 

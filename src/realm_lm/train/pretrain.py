@@ -304,17 +304,14 @@ class PretrainRecipe:
 
     def save(self) -> Path:
         version, index_dir = self.refresher.version, self.refresher.cfg.index.dir
-        has_index = self.refresher.index is not None  # not at top_k = 1
         # the index this checkpoint trains on must outlive refresh.keep later refreshes, for --resume to go back to
         # it; the last checkpoint's too, until this one is written
-        if has_index:
-            pin(index_dir, [self.checkpoint_index_version, version])
+        pin(index_dir, [self.checkpoint_index_version, version])
         pending = self.refresher.pending_refresh()  # its snapshot is kept until the next checkpoint
         saved = save_checkpoint(self.run_dir, self.step, self.model, self.opt,
                                 {"config": config_to_dict(self.cfg), "index_version": version,
                                  "pending_refresh": pending, "kind": "pretrain"})
-        if has_index:
-            pin(index_dir, [version])
+        pin(index_dir, [version])
         self.refresher.retain(pending)
         self.checkpoint_index_version = version
         return saved
