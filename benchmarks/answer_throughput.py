@@ -36,6 +36,7 @@ from realm_lm.corpus.questions import load_questions
 from realm_lm.corpus.store import CorpusStore, write_store
 from realm_lm.index.backends import make_index
 from realm_lm.index.build import ensure_index
+from realm_lm.models.cpu_dropout import ATTENTION
 from realm_lm.models.embedder import Embedder, load_bert
 from realm_lm.models.pretrained import load_tokenizer, resolve_model_dir
 from realm_lm.models.reader import Reader
@@ -55,7 +56,7 @@ def random_bert():
     from transformers import BertConfig, BertModel
 
     return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
-                                intermediate_size=FFN, max_position_embeddings=512, attn_implementation="sdpa"),
+                                intermediate_size=FFN, max_position_embeddings=512, attn_implementation=ATTENTION),
                      add_pooling_layer=False)
 
 

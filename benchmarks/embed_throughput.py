@@ -24,6 +24,7 @@ from transformers import BertConfig, BertModel
 from realm_lm.config import IndexConfig, load_config
 from realm_lm.corpus.store import CorpusStore
 from realm_lm.index.build import embed_rows
+from realm_lm.models.cpu_dropout import ATTENTION
 from realm_lm.models.embedder import Embedder, build_retriever
 from realm_lm.report import markdown_table, write_results
 from realm_lm.runtime import autocast, cpu_bf16_instructions
@@ -72,7 +73,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=N, num_attention_heads=H // 64,
-                                intermediate_size=I, max_position_embeddings=512, attn_implementation="sdpa"),
+                                intermediate_size=I, max_position_embeddings=512, attn_implementation=ATTENTION),
                      add_pooling_layer=False)
     synthetic = Embedder(bert, "cls-proj", P).eval()
     gen = torch.Generator().manual_seed(0)

@@ -31,6 +31,7 @@ from realm_lm.corpus.store import CorpusStore, write_store
 from realm_lm.index.backends import make_index
 from realm_lm.index.build import embed_rows
 from realm_lm.masking import mask_query
+from realm_lm.models.cpu_dropout import ATTENTION
 from realm_lm.models.embedder import Embedder, Retriever, configure_dropout
 from realm_lm.models.knowledge_encoder import KnowledgeEncoder
 from realm_lm.report import markdown_table, write_results
@@ -57,7 +58,7 @@ def useful_flops(masks: float, joint: float) -> float:
 
 def random_bert() -> BertModel:
     return BertModel(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=N_LAYERS, num_attention_heads=HEADS,
-                                intermediate_size=FFN, max_position_embeddings=512, attn_implementation="sdpa"),
+                                intermediate_size=FFN, max_position_embeddings=512, attn_implementation=ATTENTION),
                      add_pooling_layer=False)
 
 

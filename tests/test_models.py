@@ -154,7 +154,7 @@ def test_chunked_dropout_attention_matches_autograd_with_the_same_mask(monkeypat
     bias = torch.zeros(B, 1, 1, L)
     bias[1, ..., 6:] = bias[4, ..., 2:] = torch.finfo(torch.float32).min  # padding, as BERT's extended mask
     d_out = torch.randn(B, h, L, d).to(dtype)
-    out = cpu_dropout.DropoutAttention.apply(q, k, v, bias, 0.3)
+    out = cpu_dropout.DropoutAttention.apply(q, k, v, bias, 0.3, d ** -0.5)
     grads = torch.autograd.grad(out, (q, k, v), d_out)
     assert [m.shape[0] for m in masks] == [2, 2, 1]
     dropped = torch.cat(masks)  # [B, h, L, L]
@@ -181,11 +181,17 @@ def test_cheap_attention_dropout_matches_sdpa_when_nothing_is_dropped(monkeypatc
     r.eval()
     reference = r.query(ids, mask)  # torch's fused attention, padding masked
     configure_dropout(r, 0.1)
-    assert any(isinstance(m, cpu_dropout.CpuDropoutSelfAttention) for m in r.modules())
     r.train()
     assert not torch.allclose(r.query(ids, mask), reference, atol=1e-4)
-    monkeypatch.setattr(cpu_dropout, "dropped_mask", lambda shape, p, device: (torch.zeros(shape, dtype=torch.bool), 1.0))
+    drawn = []
+
+    def drop_nothing(shape, p, device):
+        drawn.append(shape)
+        return torch.zeros(shape, dtype=torch.bool), 1.0
+
+    monkeypatch.setattr(cpu_dropout, "dropped_mask", drop_nothing)
     out = r.query(ids, mask)  # the hand-written attention path, with a mask that drops nothing
+    assert len(drawn) == 2  # one draw for each of the tiny BERT's 2 layers' attention
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert r.query.bert.encoder.layer[0].attention.self.query.weight.grad is not None
@@ -258,3 +264,28 @@ def test_encode_by_length_in_training_is_one_padded_call():
     torch.manual_seed(0)
     padded = bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     assert torch.equal(ours, padded)
+
+
+def test_realm_attention_matches_transformers_eager_attention_on_padded_rows():
+    """The registered attention (models/cpu_dropout.py: its [B, 1, 1, L] padding mask, SDPA) against transformers'
+    own eager attention and [B, 1, L, L] mask, in eval and in training without dropout."""
+    from realm_lm.models.cpu_dropout import ATTENTION
+
+    bert = build_retriever(EmbedderConfig(model=TINY, proj_dim=16)).doc.bert
+    assert bert.config._attn_implementation == ATTENTION
+    for m in bert.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    _, ids, mask, types = rows_of_unequal_length()
+    real = mask.bool()
+    for training in (False, True):
+        bert.train(training)
+        bert.set_attn_implementation(ATTENTION)
+        ours = bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state  # [8, 61, H]
+        bert.set_attn_implementation("eager")
+        eager = bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        torch.testing.assert_close(ours[real], eager[real], atol=1e-5, rtol=1e-5)
+    unpadded = bert(input_ids=ids[:, :5], attention_mask=mask[:, :5], token_type_ids=types[:, :5]).last_hidden_state
+    bert.set_attn_implementation(ATTENTION)
+    torch.testing.assert_close(bert(input_ids=ids[:, :5], attention_mask=mask[:, :5],
+                                    token_type_ids=types[:, :5]).last_hidden_state, unpadded, atol=1e-5, rtol=1e-5)

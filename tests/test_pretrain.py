@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from realm_lm.config import load_config
 from realm_lm.corpus.store import build_corpus
@@ -124,7 +125,7 @@ def test_attention_dropout_setting_reaches_every_bert(tmp_path):
     recipe = recipe_for(tmp_path, "pretrain.attention_dropout=0.0")
     recipe.setup()
     try:
-        probs = [m.dropout_prob for m in recipe.model.modules() if hasattr(m, "dropout_prob")]
+        probs = [m.dropout.p for m in recipe.model.modules() if isinstance(m, BertSelfAttention)]
         assert probs and all(p == 0.0 for p in probs)
     finally:
         recipe.close()

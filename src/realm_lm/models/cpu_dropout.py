@@ -1,4 +1,5 @@
-"""Dropout that is cheap on a CPU, for BERT training (attention probabilities and hidden states).
+"""Dropout that is cheap on a CPU, for BERT training (attention probabilities and hidden states), and the
+attention implementation every BERT here runs (registered with transformers as ``ATTENTION``).
 
 torch's CPU dropout draws one Bernoulli sample per element (~7 ns each on this machine), and its fused attention
 kernel refuses dropout, so attention falls back to an unfused path that samples [batch, heads, L, L] of them: with
@@ -7,7 +8,8 @@ element, drawn 31 at a time from torch's generator (so seeds still reproduce a r
 1 - round(32768 p) / 32768 (p = 0.1: 0.100006 dropped) and kept values are scaled by its inverse, so expectations
 are unchanged. Attention with dropout is written out by hand (`DropoutAttention`), a few sequences at a time so its
 [L, L] matrices stay in cache, keeping the dropout mask for the backward pass rather than the probabilities.
-GPUs keep torch's fused kernels.
+Everywhere else (inference, no dropout, GPUs) attention is transformers' SDPA, given BERT's key-padding mask as a
+[B, 1, 1, L] view rather than the [B, 1, L, L] copy that transformers builds for it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import math
 
 import torch
 from torch import nn
-from transformers.models.bert.modeling_bert import BertSdpaSelfAttention
+from transformers import AttentionInterface, BertModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, sdpa_mask
 
+ATTENTION = "realm_sdpa"  # the attn_implementation name of `attention` and `padding_mask` below
 LEVELS = 32768  # 15 random bits per element
 
 
@@ -56,9 +61,9 @@ class DropoutAttention(torch.autograd.Function):
     CHUNK_BYTES = 4 << 20  # fp32 [L, L] scores per chunk: a few MB stays in a core's share of the cache
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, p: float):  # q, k, v [B, h, L, d]; bias additive [B, 1, 1 or L, L] or None
+    def forward(ctx, q, k, v, bias, p: float, scaling: float):  # q, k, v [B, h, L, d]; bias [B, 1, 1 or L, L] or None
         B, h, L, d = q.shape
-        q = q.mul(d ** -0.5)  # [B, h, L, d], contiguous, the 1/sqrt(d) folded in
+        q = q.mul(scaling)  # [B, h, L, d], contiguous, the 1/sqrt(d) folded in
         k, v = k.contiguous(), v.contiguous()
         n = max(1, DropoutAttention.CHUNK_BYTES // (h * L * L * 4))  # sequences per chunk
         out = torch.empty_like(v)  # [B, h, L, d]
@@ -71,7 +76,7 @@ class DropoutAttention(torch.autograd.Function):
             out[c] = torch.matmul(probs.mul_(_kept(dropped[c])).to(v.dtype), v[c])  # [n, h, L, d], unscaled
         out.mul_(scale)
         ctx.save_for_backward(q, k, v, bias, out, dropped)
-        ctx.scale, ctx.n = scale, n
+        ctx.scale, ctx.n, ctx.scaling = scale, n, scaling
         return out
 
     @staticmethod
@@ -92,7 +97,7 @@ class DropoutAttention(torch.autograd.Function):
             d_scores = d_probs.sub_(row_term[c]).mul_(probs).to(q.dtype)  # [n, h, L, L]
             dq[c] = torch.matmul(d_scores, k[c])  # [n, h, L, d], for the scaled q
             dk[c] = torch.matmul(d_scores.transpose(-1, -2), q[c])  # [n, h, L, d]
-        return dq.mul_(q.shape[-1] ** -0.5), dk, dv.mul_(scale), None, None
+        return dq.mul_(ctx.scaling), dk, dv.mul_(scale), None, None, None
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -108,26 +113,49 @@ def _kept(dropped: torch.Tensor) -> torch.Tensor:
     return dropped.view(torch.uint8).float().neg_().add_(1.0)
 
 
-class CpuDropoutSelfAttention(BertSdpaSelfAttention):
-    """BERT's SDPA self-attention; in CPU training with dropout, `DropoutAttention`."""
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' attention interface: `DropoutAttention` when training with dropout on a CPU, SDPA otherwise.
+    query, key, value [B, h, L, d]; attention_mask bool [B, 1, 1 or L, L] (True: attend) or None; -> [B, L, h, d]."""
+    if not use_cheap_dropout(query, dropout, module.training) or kwargs.get("is_causal"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bias = None
+    if attention_mask is not None:  # additive, fp32: 0 where attended, the most negative float where masked
+        bias = torch.zeros(attention_mask.shape, device=query.device).masked_fill_(
+            ~attention_mask.bool(), torch.finfo(torch.float32).min)  # [B, 1, 1 or L, L]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    with torch.autocast("cpu", enabled=False):  # DropoutAttention chooses its own precisions
+        out = DropoutAttention.apply(query, key, value, bias, dropout, scaling)  # [B, h, L, d]
+    return out.transpose(1, 2), None  # [B, L, h, d], as SDPA's
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        if (not use_cheap_dropout(hidden_states, self.dropout_prob, self.training) or args
-                or self.position_embedding_type != "absolute" or any(v not in (None, False) for v in kwargs.values())):
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        batch, length, _ = hidden_states.shape
-        q, k, v = (proj(hidden_states).view(batch, length, self.num_attention_heads, self.attention_head_size)
-                   .transpose(1, 2) for proj in (self.query, self.key, self.value))  # [B, h, L, d] each
-        with torch.autocast("cpu", enabled=False):  # DropoutAttention chooses its own precisions
-            out = DropoutAttention.apply(q, k, v, attention_mask, self.dropout_prob)  # [B, h, L, d]
-        return out.transpose(1, 2).reshape(batch, length, self.all_head_size), None  # [B, L, H]
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=bidirectional_mask_function, attention_mask: torch.Tensor | None = None,
+                 allow_is_bidirectional_skip: bool = False, **kwargs) -> torch.Tensor | None:
+    """transformers' mask interface: BERT's key-padding mask [B, L] as a bool view [B, 1, 1, L] (True: attend), or
+    None where nothing is padded; any other pattern is transformers' own `sdpa_mask`."""
+    plain = (mask_function is bidirectional_mask_function and q_offset == 0 and kv_offset == 0
+             and attention_mask is not None and attention_mask.shape == (batch_size, kv_length))
+    if not plain:
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                         allow_is_bidirectional_skip=allow_is_bidirectional_skip, **kwargs)
+    attend = attention_mask.bool()  # [B, L]
+    # None lets SDPA skip the mask; not when compiling, where it would be one more graph to compile and to switch to
+    if allow_is_bidirectional_skip and not torch.compiler.is_compiling() and bool(attend.all()):
+        return None
+    return attend[:, None, None, :]  # [B, 1, 1, L]
+
+
+AttentionInterface.register(ATTENTION, attention)
+AttentionMaskInterface.register(ATTENTION, padding_mask)
 
 
 def install_cpu_dropout(module: nn.Module) -> None:
-    """Swap every nn.Dropout and BERT SDPA self-attention inside ``module`` for the versions above (same weights,
-    same parameters; only the class changes)."""
+    """Every nn.Dropout inside ``module`` draws the cheap mask on CPU tensors, and every BERT attends with
+    `attention` (same weights, same parameters; only classes and the implementation's name change)."""
     for m in module.modules():
         if type(m) is nn.Dropout:
             m.__class__ = CpuDropout
-        elif type(m) is BertSdpaSelfAttention:
-            m.__class__ = CpuDropoutSelfAttention
+        elif isinstance(m, BertModel) and m.config._attn_implementation != ATTENTION:
+            m.set_attn_implementation(ATTENTION)

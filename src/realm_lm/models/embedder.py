@@ -14,20 +14,21 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.utils import logging as hf_logging
 
 from realm_lm.config import POOLINGS, EmbedderConfig
 from realm_lm.models.by_length import encode_by_length
-from realm_lm.models.cpu_dropout import install_cpu_dropout
+from realm_lm.models.cpu_dropout import ATTENTION, install_cpu_dropout
 from realm_lm.models.pretrained import resolve_model_dir
 
 
 def load_bert(model_dir: str | Path) -> BertModel:
-    """A local Hugging Face BERT checkpoint, without the pooler, with fused (SDPA) attention."""
+    """A local Hugging Face BERT checkpoint, without the pooler, attending with SDPA (models/cpu_dropout.py)."""
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "weights not used: pooler.*" is expected: REALM pools and projects itself
     try:
-        return BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, attn_implementation="sdpa")
+        return BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, attn_implementation=ATTENTION)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -42,10 +43,8 @@ def configure_dropout(module: nn.Module, attention_p: float) -> None:
     for m in module.modules():
         if isinstance(m, BertModel):
             m.config.attention_probs_dropout_prob = attention_p
-        if hasattr(m, "dropout_prob"):  # SDPA attention reads this float
-            m.dropout_prob = attention_p
-        if type(m).__name__.endswith("SelfAttention") and isinstance(getattr(m, "dropout", None), nn.Dropout):
-            m.dropout.p = attention_p  # eager attention's nn.Dropout
+        if isinstance(m, BertSelfAttention):
+            m.dropout.p = attention_p  # what it passes to the attention function as its dropout
     install_cpu_dropout(module)
 
 
@@ -198,4 +197,4 @@ def weights_hash(module: nn.Module) -> str:
 def tiny_bert_config(vocab_size: int) -> BertConfig:
     """The tiny random BERT of the tests (hidden 32, 2 layers): shapes and plumbing in seconds."""
     return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512)
+                      intermediate_size=64, max_position_embeddings=512, attn_implementation=ATTENTION)
