@@ -25,12 +25,15 @@ from realm_lm.models.pretrained import resolve_model_dir
 
 def load_bert(model_dir: str | Path) -> BertModel:
     """A local Hugging Face BERT checkpoint, without the pooler, attending with SDPA (models/cpu_dropout.py)."""
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "weights not used: pooler.*" is expected: REALM pools and projects itself
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar for a load that takes milliseconds
     try:
         return BertModel.from_pretrained(str(model_dir), add_pooling_layer=False, attn_implementation=ATTENTION)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def configure_dropout(module: nn.Module, attention_p: float) -> None:
