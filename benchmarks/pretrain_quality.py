@@ -147,16 +147,16 @@ def main() -> None:
                      "overrides": " ".join(args.set), "init_from": cfg.pretrain.init_from}
     rows = []
 
-    def record(label: str, key: str, run_dir: str | None, init_from: str | None, wall: float, extra: str = "") -> None:
-        """One row; ``init_from`` None for weights without a trained MLM head (MiniLM, ICT), whose masked-token
-        figures would only measure a random head: shown as "–" and left out of the JSON."""
+    def record(label: str, key: str, run_dir: str | None, wall: float, extra: str = "", mlm_head: bool = False) -> None:
+        """One row. Weights without a trained MLM head (MiniLM, ICT: ``mlm_head`` False) get no masked-token figures,
+        which would only measure a newly initialised head: "–" in the table, left out of the JSON."""
         t0 = time.perf_counter()
         recall = dev_recall(eval_cfg, run_dir, eval_store)
         figures.update({f"{key}.dev.recall@5": recall["recall@5"], f"{key}.dev.recall@20": recall["recall@20"],
                         f"{key}.wall_s": round(wall, 1)})
         acc_cell = ru_cell = "–"
-        if init_from is not None:
-            acc = heldout_accuracy(cfg, init_from, runs / f"heldout-{key}", args.heldout_queries)
+        if mlm_head:
+            acc = heldout_accuracy(cfg, run_dir, runs / f"heldout-{key}", args.heldout_queries)
             figures.update({f"{key}.heldout_mask_acc": round(acc["heldout_mask_acc"], 4),
                             f"{key}.heldout_ru_top": round(acc["heldout_ru_top"], 4)})
             acc_cell, ru_cell = f"{acc['heldout_mask_acc']:.3f}", f"{acc['heldout_ru_top']:+.2f}"
@@ -171,7 +171,7 @@ def main() -> None:
             build_index(base, store=eval_store)  # reuses the retrieval benchmark's embeddings when they match
         mean_recall = dev_recall(eval_cfg, None, eval_store, "minilm-mean")
         figures["a_mean.dev.recall@5"] = mean_recall["recall@5"]
-        record(f"(a) MiniLM as is, {cfg.embedder.pooling} (random projection)", "a", None, None, 0.0,
+        record(f"(a) MiniLM as is, {cfg.embedder.pooling} (random projection)", "a", None, 0.0,
                f"mean pooling: R@5 {mean_recall['recall@5']:.3f}")
 
     if "a" in wanted and cfg.ict.pca_blocks and cfg.embedder.pooling != "mean":  # what ICT starts from: the projection fitted, step 0
@@ -180,7 +180,7 @@ def main() -> None:
         fitted.setup()
         fitted.save()
         record("(a') the same, projection fitted to the blocks (ICT's step 0)", "a_fit", str(runs / "ict-step0"),
-               None, time.perf_counter() - t0, f"{cfg.ict.pca_blocks} blocks")
+               time.perf_counter() - t0, f"{cfg.ict.pca_blocks} blocks")
 
     if "b" in wanted or not args.init_from:  # the ICT run: row b, and where (c)-(e) start by default
         t0 = time.perf_counter()
@@ -194,7 +194,7 @@ def main() -> None:
             ict_wall = time.perf_counter() - t0
         figures.update({f"b.{k}": round(v, 4) for k, v in ict.items()})
     if "b" in wanted:
-        record("(b) ICT", "b", cfg.ict.run_dir, None, ict_wall,
+        record("(b) ICT", "b", cfg.ict.run_dir, ict_wall,
                f"ICT held-out R@5 {ict['before.ict_recall@5']:.2f} -> {ict['after.ict_recall@5']:.2f}")
 
     variants = [("(c) ICT + REALM, salient spans", "c", {}),
@@ -205,9 +205,9 @@ def main() -> None:
         run_dir = str(runs / f"realm-{key}")
         stats = stats_of[key] = pretrain(cfg, run_dir, args.reuse, **overrides)
         figures.update({f"{key}.run.{k}": v for k, v in stats.items() if v is not None})
-        record(label, key, run_dir, run_dir, stats["wall_s"],
+        record(label, key, run_dir, stats["wall_s"],
                f"loss {stats['loss_first10']:.2f} -> {stats['loss_last10']:.2f}; {stats['index_versions']} index versions"
-               + (f"; from {args.init_from}" if args.init_from else ""))
+               + (f"; from {args.init_from}" if args.init_from else ""), mlm_head=True)
 
     wait_rows = []
     if {"c", "sync"} <= wanted:
