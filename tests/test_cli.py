@@ -45,6 +45,19 @@ def test_help_on_every_verb(capsys):
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("realm-lm 0.")
 
 
+def test_runs_from_a_source_tree_without_package_metadata(monkeypatch, capsys):
+    """`python -m realm_lm.cli` with src/ on PYTHONPATH and no installed package, as on a rented GPU machine."""
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and "not installed" in capsys.readouterr().out
+
+
 def test_missing_index_gives_exit_2(tmp_path, capsys):
     assert realm(tmp_path, "corpus", "build") == 0
     assert realm(tmp_path, "retrieve", "anything") == 2

@@ -400,11 +400,19 @@ def _from_finetuned(p: argparse.ArgumentParser) -> None:
                                                       "the run was fine-tuned on")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
+def installed_version() -> str:
+    """The installed package's version; a source tree run with src/ on PYTHONPATH (a rented GPU, say) has none."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("realm-lm")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm", description="REALM: retrieval-augmented language model pre-training")
-    parser.add_argument("--version", action="version", version=f"realm-lm {version('realm-lm')}")
+    parser.add_argument("--version", action="version", version=f"realm-lm {installed_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     data = verbs.add_parser("data", help="obtain the default data").add_subparsers(dest="action", required=True)
