@@ -15,21 +15,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from realm_lm.artifacts import staged_dir, write_text_atomic
 from realm_lm.train.checkpoint import latest_checkpoint, read_weights
 
 QUERY_PREFIX = "retriever.query."
 
 
 def swapped_weights(reader_ckpt: Path, query_ckpt: Path) -> dict[str, torch.Tensor]:
-    weights = read_weights(reader_ckpt)
-    query = read_weights(query_ckpt, QUERY_PREFIX)
-    doc_here, doc_there = read_weights(reader_ckpt, "retriever.doc."), read_weights(query_ckpt, "retriever.doc.")
+    weights, other = read_weights(reader_ckpt), read_weights(query_ckpt)  # each checkpoint read once
+
+    def tower(w: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in w.items() if k.startswith(prefix)}
+
+    doc_here, doc_there = tower(weights, "retriever.doc."), tower(other, "retriever.doc.")
     if doc_here.keys() != doc_there.keys() or not all(torch.equal(v, doc_there[k]) for k, v in doc_here.items()):
         raise SystemExit(f"{reader_ckpt} and {query_ckpt} have different document towers: their indexes differ")
-    missing = {k for k in weights if k.startswith(QUERY_PREFIX)} ^ {QUERY_PREFIX + k for k in query}
-    if missing:
-        raise SystemExit(f"the two query towers have different tensors: {sorted(missing)[:5]}")
-    return weights | {QUERY_PREFIX + k: v for k, v in query.items()}
+    query = tower(other, QUERY_PREFIX)
+    mismatched = tower(weights, QUERY_PREFIX).keys() ^ query.keys()
+    if mismatched:
+        raise SystemExit(f"the two query towers have different tensors: {sorted(mismatched)[:5]}")
+    return weights | query
 
 
 def main() -> None:
@@ -42,11 +47,10 @@ def main() -> None:
     if reader_ckpt is None or query_ckpt is None:
         raise SystemExit(f"no checkpoint in {args.reader_run if reader_ckpt is None else args.query_run}")
     weights = swapped_weights(reader_ckpt, query_ckpt)
-    out_ckpt = args.out_run / "checkpoints" / reader_ckpt.name
-    out_ckpt.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out_ckpt / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(reader_ckpt / "state.json", out_ckpt / "state.json")
-    (args.out_run / "checkpoints" / "LATEST").write_text(reader_ckpt.name)
+    with staged_dir(args.out_run / "checkpoints" / reader_ckpt.name) as staging:  # never a half-written checkpoint
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(reader_ckpt / "state.json", staging / "state.json")
+    write_text_atomic(args.out_run / "checkpoints" / "LATEST", reader_ckpt.name)
     shutil.copy(args.reader_run / "config.json", args.out_run / "config.json")
     for index in args.reader_run.glob("eval-index-*"):  # keyed by the document tower, which both runs share
         shutil.copytree(index, args.out_run / index.name, dirs_exist_ok=True)
