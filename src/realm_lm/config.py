@@ -238,6 +238,8 @@ class FinetuneConfig:
     warmup_steps: int = -1  # -1: steps / 10
     weight_decay: float = 0.01
     retriever_loss_weight: float = 1.0  # weight of the retriever's marginal loss beside the reader's
+    reader_loss_to_query: bool = True  # the reader's loss trains the query tower too (ORQA / REALM); False: that
+    # loss takes the retrieval logits as given and the query tower learns from the retriever's loss alone
     retrieval_scale: float = 0.1  # dense runs: f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use torch's fused kernel (steps ~10 % faster)
     save_every: int = 100

@@ -195,8 +195,11 @@ class FinetuneRecipe:
             span_logits = spans.logits.view(len(read_q), n, -1)  # [B', n, S]
             starts, ends = enumerate_spans(batch.input_ids.shape[1], r.max_span_len)  # the reader's spans, on the CPU
             gold = gold_span_mask(batch, [pieces[i] for i in read_q], n, r.max_span_len, starts, ends).to(self.device)
-            read_logits = retrieval_logits[torch.from_numpy(read_q).to(self.device)[:, None],
-                                           torch.from_numpy(read_ranks).to(self.device)]  # [B', n]
+            given = retrieval_logits
+            if self.dense and not self.cfg.finetune.reader_loss_to_query:  # the scale still learns from this loss
+                given = model.retrieval_logits(q.detach(), blocks)  # [B, k]
+            read_logits = given[torch.from_numpy(read_q).to(self.device)[:, None],
+                                torch.from_numpy(read_ranks).to(self.device)]  # [B', n]
             reader_loss = reader_marginal_nll(span_logits, read_logits, gold)
             with torch.no_grad():
                 joint = (span_logits + read_logits[:, :, None]).flatten(1)  # [B', n*S]
