@@ -20,8 +20,6 @@ from realm_lm.config import load_config
 from realm_lm.corpus.questions import load_questions
 from realm_lm.eval.metrics import exact_match
 from realm_lm.report import markdown_table, write_results
-from realm_lm.runtime import autocast
-from realm_lm.train.data import question_ids, reader_batch
 
 ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
@@ -30,17 +28,11 @@ ALPHAS = (0.0, 0.5, 1.0, 1.5, 2.0)
 def exact_match_by_alpha(answerer: Answerer, questions, k: int, alphas) -> dict[float, float]:
     """EM (in %) of ``questions`` read at ``k`` blocks, with the retrieval logits times each alpha."""
     _, logits, rows = answerer.retrieve([q.question for q in questions], k)  # [Q, k], [Q, k]
-    r, right = answerer.reader_cfg, {alpha: 0 for alpha in alphas}
+    right = {alpha: 0 for alpha in alphas}
     for i, q in enumerate(tqdm(questions, desc=f"reading at k = {k}", unit="question")):
-        asked = question_ids(answerer.tok, [q.question], answerer.special, r.question_len)
-        batch = reader_batch(answerer.store, asked, rows[i:i + 1], answerer.tok, answerer.special, r.max_len)
-        with autocast(answerer.reader.device, answerer.precision):
-            spans = answerer.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
-                                    batch.end_ok)
-        span_logits = spans.logits.view(k, -1).float().cpu()  # [k, S]
-        starts, ends = spans.starts.cpu(), spans.ends.cpu()
+        batch, span_logits, starts, ends = answerer.read([q.question], rows[i:i + 1])  # span_logits: [1, k, S]
         for alpha in alphas:
-            best = answerer.decode(batch, 0, k, span_logits, torch.from_numpy(logits[i]) * alpha, starts, ends, 1)
+            best = answerer.decode(batch, 0, k, span_logits[0], torch.from_numpy(logits[i]) * alpha, starts, ends, 1)
             right[alpha] += bool(best) and exact_match(best[0].text, q.answers)
     return {alpha: 100 * n / len(questions) for alpha, n in right.items()}
 

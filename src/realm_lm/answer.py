@@ -217,24 +217,31 @@ class Answerer:
         for start in tqdm(range(0, len(questions), r.batch_questions), desc="reading", unit="batch",
                           disable=not progress):
             chunk = questions[start:start + r.batch_questions]
-            q_ids = question_ids(self.tok, chunk, self.special, r.question_len)
-            batch = reader_batch(self.store, q_ids, rows[start:start + len(chunk)], self.tok,
-                                 self.special, r.max_len)
-            inputs = (batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok, batch.end_ok)
-            if self.compiled and len(batch.input_ids) == 1:  # one question, k = 1
-                # compiled code is specialised to a batch of 1 (torch's 0/1 rule): reading the block twice costs
-                # milliseconds, compiling again took 6-16 s in the middle of a request
-                inputs = tuple(t.repeat(2, 1) for t in inputs)  # [2, L] each
-            with autocast(self.reader.device, self.precision):
-                spans = self.reader(*inputs)
-            span_logits = spans.logits[:len(chunk) * k].view(len(chunk), k, -1).cpu()  # [Q, K, S]
-            starts, ends = spans.starts.cpu(), spans.ends.cpu()
+            batch, span_logits, starts, ends = self.read(chunk, rows[start:start + len(chunk)])
             for i, question in enumerate(chunk):
                 qi = start + i
                 answers = self.decode(batch, i, k, span_logits[i], torch.from_numpy(logits[qi]), starts, ends,
                                       top_n)
                 out.append(Response(question, answers, hits_of(self.store, scores[qi], rows[qi])))
         return out
+
+    @torch.inference_mode()
+    def read(self, questions: Sequence[str], rows: np.ndarray) -> tuple[ReaderBatch, torch.Tensor, torch.Tensor,
+                                                                         torch.Tensor]:
+        """The reader over each question's retrieved ``rows`` [Q, K]: its batch, span logits [Q, K, S] and the spans'
+        start and end positions [S], on the CPU."""
+        r, k = self.reader_cfg, rows.shape[1]
+        q_ids = question_ids(self.tok, questions, self.special, r.question_len)
+        batch = reader_batch(self.store, q_ids, rows, self.tok, self.special, r.max_len)
+        inputs = (batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok, batch.end_ok)
+        if self.compiled and len(batch.input_ids) == 1:  # one question, k = 1
+            # compiled code is specialised to a batch of 1 (torch's 0/1 rule): reading the block twice costs
+            # milliseconds, compiling again took 6-16 s in the middle of a request
+            inputs = tuple(t.repeat(2, 1) for t in inputs)  # [2, L] each
+        with autocast(self.reader.device, self.precision):
+            spans = self.reader(*inputs)
+        span_logits = spans.logits[:len(questions) * k].view(len(questions), k, -1).cpu()  # [Q, K, S]
+        return batch, span_logits, spans.starts.cpu(), spans.ends.cpu()
 
     def decode(self, batch: ReaderBatch, i: int, k: int, span_logits: torch.Tensor, retrieval_logits: torch.Tensor,
                starts: torch.Tensor, ends: torch.Tensor, top_n: int) -> list[Answer]:
