@@ -70,6 +70,17 @@ def test_a_run_saved_with_a_retired_key_still_loads_but_a_preset_may_not_set_it(
         load_config(None, ["pretrain.log_every=1"])
 
 
+def test_a_run_saved_with_reader_loss_to_query_loads_with_its_reader_retrieval():
+    """finetune.reader_loss_to_query (session 63) became finetune.reader_retrieval; its run folders still load."""
+    for to_query, mode in ((True, "joint"), (False, "detached")):
+        stored = config_to_dict(RunConfig())
+        del stored["finetune"]["reader_retrieval"]
+        stored["finetune"]["reader_loss_to_query"] = to_query
+        assert config_from_dict(stored).finetune.reader_retrieval == mode
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["finetune.reader_loss_to_query=false"])
+
+
 def test_a_config_built_in_code_is_checked_too():
     from dataclasses import replace
     with pytest.raises(ConfigError, match="finetune.retriever must be one of realm, bm25"):

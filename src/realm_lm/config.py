@@ -31,6 +31,7 @@ REFRESH_MODES = ("async", "sync", "never")
 MASKING_MODES = ("salient", "random-uniform", "random-span")
 MARGINALS = ("paper", "per-token")
 FINETUNE_RETRIEVERS = ("realm", "bm25")
+READER_RETRIEVALS = ("joint", "detached", "initial")  # finetune.reader_retrieval
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # What one interactive request (`realm ask`, POST /ask) may ask for; `realm eval qa` reads reader.top_k blocks.
@@ -238,8 +239,11 @@ class FinetuneConfig:
     warmup_steps: int = -1  # -1: steps / 10
     weight_decay: float = 0.01
     retriever_loss_weight: float = 1.0  # weight of the retriever's marginal loss beside the reader's
-    reader_loss_to_query: bool = True  # the reader's loss trains the query tower too (ORQA / REALM); False: that
-    # loss takes the retrieval logits as given and the query tower learns from the retriever's loss alone
+    # what the reader trains on, and so what its loss does to the query tower: "joint" (ORQA / REALM) the trained
+    # tower's blocks and retrieval logits, its loss training the tower too through p(z|x); "detached" the same blocks
+    # and logits taken as given, the tower learning from the retriever's loss alone; "initial" the blocks and logits
+    # of the query tower as the run started (a frozen copy), the trained tower learning from the retriever's loss
+    reader_retrieval: str = "joint"
     retrieval_scale: float = 0.1  # dense runs: f(x, z) = scale * q.d, the scale learned at the head's rate (models/embedder.py)
     attention_dropout: float = 0.1  # BERT's 0.1 (the paper); 0 lets CPU attention use torch's fused kernel (steps ~10 % faster)
     save_every: int = 100
@@ -250,7 +254,7 @@ class FinetuneConfig:
                                            "head_lr_scale": 0, "query_lr_scale": 0, "warmup_steps": -1,
                                            "weight_decay": 0, "retriever_loss_weight": 0, "save_every": 1},
                positive=("lr", "retrieval_scale"), fractions=("attention_dropout",),
-               choices={"retriever": FINETUNE_RETRIEVERS})
+               choices={"retriever": FINETUNE_RETRIEVERS, "reader_retrieval": READER_RETRIEVALS})
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,11 @@ def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """The inverse of :func:`config_to_dict` (a config stored with an artifact)."""
     values = {section: ({k: v for k, v in table.items() if (section, k) not in RETIRED_KEYS}
                         if isinstance(table, dict) else table) for section, table in values.items()}
+    finetune = values.get("finetune")
+    if isinstance(finetune, dict) and "reader_loss_to_query" in finetune:  # saved before finetune.reader_retrieval
+        finetune = dict(finetune)
+        finetune.setdefault("reader_retrieval", "joint" if finetune.pop("reader_loss_to_query") else "detached")
+        values = {**values, "finetune": finetune}
     return _build(RunConfig, values, "")
 
 

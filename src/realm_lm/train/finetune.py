@@ -155,6 +155,10 @@ class FinetuneRecipe:
         self.block_emb = np.load(Path(own.index.dir) / "versions" / manifest["version"] / "embeddings.npy",
                                  mmap_mode="r")  # [N, D], the fixed document embeddings
         self.query_len = base.embedder.max_query_len
+        # finetune.reader_retrieval = "initial": the tower as it started picks and scores the blocks the reader
+        # trains on (taken before any checkpoint is loaded, so a resumed run has the same one)
+        self.initial_query = (copy.deepcopy(query).eval().requires_grad_(False)
+                              if f.reader_retrieval == "initial" else None)
         return Retriever(query, doc)
 
     def run_config(self) -> RunConfig:
@@ -164,49 +168,71 @@ class FinetuneRecipe:
 
     # -- one step -----------------------------------------------------------------------------------------
     def forward(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        r, model = self.cfg.reader, self.model
+        r, f, model = self.cfg.reader, self.cfg.finetune, self.model
         questions = [self.questions[i].question for i in idx]
         k = r.top_k
         if self.dense:
             q_ids, q_mask = encode_queries(questions, self.model_dir, self.query_len)
             q = model.retriever.query(q_ids, q_mask)  # [B, D]
-            _, rows = self.index.search(q.detach().float().cpu().numpy(), k)  # [B, k] from the fixed index
-            blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32))
-            blocks = blocks.view(*rows.shape, -1).to(self.device)  # [B, k, D]
+            rows, blocks = self.retrieve(q)  # [B, k], [B, k, D]
             retrieval_logits = model.retrieval_logits(q, blocks)  # [B, k]
         else:
             rows = self.bm25_rows[idx]
             retrieval_logits = torch.zeros(len(idx), k, device=self.device)  # BM25 scores are not on the reader's scale
         asked = question_ids(self.tok, questions, self.special, r.question_len)
         pieces = self.gold_pieces(idx, rows)
-        # where the answers are is known from the wordpieces alone: only then is the reader run, on what it must read
-        everything = reader_batch(self.store, asked, rows, self.tok, self.special, r.max_len)
-        starts, ends = enumerate_spans(everything.input_ids.shape[1], r.max_span_len)
-        has_answer = gold_span_mask(everything, pieces, k, r.max_span_len, starts, ends).any(-1)  # [B, k]
+        has_answer = self.answer_mask(asked, rows, pieces)  # [B, k]
         retriever_loss = retriever_marginal_nll(retrieval_logits, has_answer.to(self.device))
-        read_q, read_ranks = blocks_to_read(has_answer.numpy(), self.cfg.finetune.reader_blocks)  # [B'], [B', n]
+
+        # what the reader trains on (finetune.reader_retrieval): these blocks and logits (joint), the same taken as
+        # given (detached: the scale still learns from the reader's loss), or the starting tower's (initial)
+        read_rows, read_pieces, read_has_answer, read_logits_all = rows, pieces, has_answer, retrieval_logits
+        if self.dense and f.reader_retrieval == "detached":
+            read_logits_all = model.retrieval_logits(q.detach(), blocks)  # [B, k]
+        elif self.dense and f.reader_retrieval == "initial":
+            with torch.no_grad():
+                q_start = self.initial_query(q_ids, q_mask)  # [B, D]
+            read_rows, start_blocks = self.retrieve(q_start)  # [B, k], [B, k, D]
+            read_logits_all = model.retrieval_logits(q_start, start_blocks)  # [B, k]
+            read_pieces = self.gold_pieces(idx, read_rows)
+            read_has_answer = self.answer_mask(asked, read_rows, read_pieces)  # [B, k]
+        # where the answers are is known from the wordpieces alone: only then is the reader run, on what it must read
+        read_q, read_ranks = blocks_to_read(read_has_answer.numpy(), f.reader_blocks)  # [B'], [B', n]
         reader_loss, top_correct = retrieval_logits.new_zeros(()), torch.zeros(())
         if len(read_q):
             n = read_ranks.shape[1]
-            batch = reader_batch(self.store, [asked[i] for i in read_q], rows[read_q[:, None], read_ranks],
+            batch = reader_batch(self.store, [asked[i] for i in read_q], read_rows[read_q[:, None], read_ranks],
                                  self.tok, self.special, r.max_len)
             spans = model.reader(batch.input_ids, batch.attention_mask, batch.token_type_ids, batch.start_ok,
                                  batch.end_ok)
             span_logits = spans.logits.view(len(read_q), n, -1)  # [B', n, S]
             starts, ends = enumerate_spans(batch.input_ids.shape[1], r.max_span_len)  # the reader's spans, on the CPU
-            gold = gold_span_mask(batch, [pieces[i] for i in read_q], n, r.max_span_len, starts, ends).to(self.device)
-            given = retrieval_logits
-            if self.dense and not self.cfg.finetune.reader_loss_to_query:  # the scale still learns from this loss
-                given = model.retrieval_logits(q.detach(), blocks)  # [B, k]
-            read_logits = given[torch.from_numpy(read_q).to(self.device)[:, None],
-                                torch.from_numpy(read_ranks).to(self.device)]  # [B', n]
+            gold = gold_span_mask(batch, [read_pieces[i] for i in read_q], n, r.max_span_len, starts,
+                                  ends).to(self.device)  # [B', n, S]
+            read_logits = read_logits_all[torch.from_numpy(read_q).to(self.device)[:, None],
+                                          torch.from_numpy(read_ranks).to(self.device)]  # [B', n]
             reader_loss = reader_marginal_nll(span_logits, read_logits, gold)
             with torch.no_grad():
                 joint = (span_logits + read_logits[:, :, None]).flatten(1)  # [B', n*S]
                 top_correct = gold.flatten(1).gather(1, joint.argmax(-1, keepdim=True)).float().mean()
-        loss = reader_loss + self.cfg.finetune.retriever_loss_weight * retriever_loss if self.dense else reader_loss
+        loss = reader_loss + f.retriever_loss_weight * retriever_loss if self.dense else reader_loss
         return {"loss": loss, "reader_loss": reader_loss, "retriever_loss": retriever_loss,
                 "answer_in_topk": has_answer.any(-1).float().mean(), "top_span_correct": top_correct}
+
+    def retrieve(self, q: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """q: [B, D] queries -> the rows of their top-k blocks in the fixed index [B, k] and those blocks' embeddings
+        [B, k, D]."""
+        _, rows = self.index.search(q.detach().float().cpu().numpy(), self.cfg.reader.top_k)  # [B, k]
+        blocks = torch.from_numpy(np.asarray(self.block_emb[rows.reshape(-1)], np.float32))
+        return rows, blocks.view(*rows.shape, -1).to(self.device)  # [B, k, D]
+
+    def answer_mask(self, asked: list[np.ndarray], rows: np.ndarray, pieces: list[list[np.ndarray]]) -> torch.Tensor:
+        """Which of each question's blocks ``rows`` [B, k] hold a gold answer as a span the reader could pick: [B, k]
+        bool, from the wordpieces alone (the reader does not run)."""
+        r = self.cfg.reader
+        everything = reader_batch(self.store, asked, rows, self.tok, self.special, r.max_len)
+        starts, ends = enumerate_spans(everything.input_ids.shape[1], r.max_span_len)
+        return gold_span_mask(everything, pieces, rows.shape[1], r.max_span_len, starts, ends).any(-1)
 
     def gold_pieces(self, idx: np.ndarray, rows: np.ndarray) -> list[list[np.ndarray]]:
         """Per question ``idx`` [B], the wordpiece sequences that count as its answer in its retrieved ``rows`` [B, k]."""
