@@ -384,18 +384,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 # Keys that configs stored by earlier versions may hold and that no longer do anything: a run folder saved before a
 # field was removed still loads. Presets and overrides still refuse them as unknown.
 RETIRED_KEYS = {("pretrain", "log_every")}
+# Keys that such configs may hold under an old name: (section, old key) -> (new key, the old value as the new one's).
+RENAMED_KEYS = {
+    ("finetune", "reader_loss_to_query"): ("reader_retrieval", lambda to_query: "joint" if to_query else "detached"),
+}
 
 
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """The inverse of :func:`config_to_dict` (a config stored with an artifact)."""
-    values = {section: ({k: v for k, v in table.items() if (section, k) not in RETIRED_KEYS}
+    values = {section: (dict(_stored_key(section, k, v) for k, v in table.items() if (section, k) not in RETIRED_KEYS)
                         if isinstance(table, dict) else table) for section, table in values.items()}
-    finetune = values.get("finetune")
-    if isinstance(finetune, dict) and "reader_loss_to_query" in finetune:  # saved before finetune.reader_retrieval
-        finetune = dict(finetune)
-        finetune.setdefault("reader_retrieval", "joint" if finetune.pop("reader_loss_to_query") else "detached")
-        values = {**values, "finetune": finetune}
     return _build(RunConfig, values, "")
+
+
+def _stored_key(section: str, key: str, value: Any) -> tuple[str, Any]:
+    """A stored config's (key, value) under its current name (RENAMED_KEYS)."""
+    if (section, key) not in RENAMED_KEYS:
+        return key, value
+    new_key, convert = RENAMED_KEYS[section, key]
+    return new_key, convert(value)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
